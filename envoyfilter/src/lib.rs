@@ -1,0 +1,69 @@
+//! `dialguard-envoyfilter`: the Envoy configuration that installs dialguard in
+//! a sidecar: the wasm network filter that goes before `tcp_proxy` and the
+//! HTTP/2 cluster that leads to the collector. The Istio `EnvoyFilter` rollout
+//! wraps these same pieces in patches; the end-to-end tests and the demo put
+//! them into an Istio-shaped Envoy bootstrap, so what ships is what is tested.
+
+use serde_json::{Value, json};
+
+/// The filter's name in Envoy's filter chains, and its wasm `root_id`.
+pub const FILTER_NAME: &str = "dialguard";
+
+/// Where Envoy loads the module from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModuleSource {
+    /// A file on the proxy's disk.
+    LocalFile(String),
+}
+
+/// The `envoy.filters.network.wasm` filter, with `filter_config` (the
+/// dialguard JSON configuration) passed as its `configuration`. Fail-open:
+/// a broken module must never stop traffic.
+pub fn network_filter(filter_config: &Value, module: &ModuleSource) -> Value {
+    let code = match module {
+        ModuleSource::LocalFile(path) => json!({ "local": { "filename": path } }),
+    };
+    json!({
+        "name": FILTER_NAME,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm",
+            "config": {
+                "name": FILTER_NAME,
+                "root_id": FILTER_NAME,
+                "vm_config": {
+                    "vm_id": FILTER_NAME,
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": code,
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": filter_config.to_string(),
+                },
+                "failure_policy": "FAIL_OPEN",
+            }
+        }
+    })
+}
+
+/// The cluster the filter streams events through. It must speak HTTP/2
+/// (gRPC); without it the stream closes with "protocol error".
+pub fn collector_cluster(name: &str, host: &str, port: u16) -> Value {
+    json!({
+        "name": name,
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "dns_lookup_family": "V4_PREFERRED",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                "socket_address": { "address": host, "port_value": port }
+            }}}]}]
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": { "http2_protocol_options": {} }
+            }
+        }
+    })
+}

@@ -1,0 +1,43 @@
+//! Who this sidecar is, from Envoy's node (Istio fills its metadata).
+
+use dialguard_proto::v1::{Hello, Mode as WireMode};
+
+use crate::{FilterConfig, Mode};
+
+/// Node facts read once per VM. Each returns `None` when absent.
+pub trait NodeFacts {
+    fn node_id(&mut self) -> Option<String>;
+    /// A leaf of the node metadata, e.g. `NAME`, `NAMESPACE`, `INSTANCE_IPS`.
+    fn metadata(&mut self, key: &str) -> Option<String>;
+}
+
+/// The stream's first message for this VM.
+pub fn hello(node: &mut impl NodeFacts, vm_instance: String, config: &FilterConfig) -> Hello {
+    let mut meta = |key| node.metadata(key).unwrap_or_default();
+    let pod_name = meta("NAME");
+    let namespace = meta("NAMESPACE");
+    let workload_name = meta("WORKLOAD_NAME");
+    let instance_ips = meta("INSTANCE_IPS")
+        .split(',')
+        .map(str::trim)
+        .filter(|ip| !ip.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let cluster_id = meta("CLUSTER_ID");
+    let istio_version = meta("ISTIO_VERSION");
+    Hello {
+        node_id: node.node_id().unwrap_or_default(),
+        vm_instance,
+        pod_name,
+        namespace,
+        workload_name,
+        instance_ips,
+        cluster_id,
+        istio_version,
+        filter_version: env!("CARGO_PKG_VERSION").to_owned(),
+        mode: match config.mode {
+            Mode::Audit => WireMode::Audit,
+        }
+        .into(),
+    }
+}

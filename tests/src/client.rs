@@ -1,0 +1,48 @@
+//! An application dialing through the sidecar. On a real pod iptables
+//! redirects the connection to Envoy's port 15001 and the `original_dst`
+//! listener filter recovers the dialed address; on loopback the client
+//! connects to the `virtualOutbound` listener and states the dialed address in
+//! a PROXY protocol (v1) header, which Envoy's `proxy_protocol` listener
+//! filter restores the same way, so `use_original_dst` hands the connection to
+//! the listener for that address exactly as in a sidecar.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// What the application saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A server answered; its greeting names the pod actually reached.
+    Reached(String),
+    /// The connection was closed without a byte (blackholed, or the upstream failed).
+    Closed,
+}
+
+pub fn dial(
+    outbound: SocketAddr,
+    source_ip: IpAddr,
+    dialed: SocketAddr,
+) -> anyhow::Result<Outcome> {
+    let mut stream = TcpStream::connect_timeout(&outbound, Duration::from_secs(5))
+        .with_context(|| format!("connecting to the sidecar at {outbound}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let family = if dialed.is_ipv4() { "TCP4" } else { "TCP6" };
+    let source_port = stream.local_addr()?.port();
+    write!(
+        stream,
+        "PROXY {family} {source_ip} {} {source_port} {}\r\n",
+        dialed.ip(),
+        dialed.port()
+    )?;
+    stream.write_all(b"hello from the application\n")?;
+    let mut greeting = String::new();
+    let read = BufReader::new(&stream).read_line(&mut greeting);
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    Ok(match read {
+        Ok(n) if n > 0 => Outcome::Reached(greeting.trim().to_owned()),
+        _ => Outcome::Closed,
+    })
+}

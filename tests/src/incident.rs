@@ -1,0 +1,67 @@
+//! The field incident, end to end: the collector, the manager pod's sidecar
+//! (real Envoy with the built module) and the pods as TCP servers.
+
+use std::net::{IpAddr, SocketAddr};
+
+use tempfile::TempDir;
+
+use crate::client::{self, Outcome};
+use crate::collector::Collector;
+use crate::dist::Dist;
+use crate::pods::PodServer;
+use crate::sidecar::{self, Envoy, Layout};
+
+#[derive(Debug)]
+pub struct Incident {
+    // Dropped in this order: Envoy first, so it does not log the collector's exit.
+    pub envoy: Envoy,
+    pub pods: Vec<PodServer>,
+    pub collector: Collector,
+    pub layout: Layout,
+    pub dir: TempDir,
+}
+
+impl Incident {
+    /// Starts everything; `echo` forwards the children's logs to stderr.
+    pub fn start(dist: &Dist, echo: bool) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("dialguard-e2e").tempdir()?;
+        let layout = Layout::choose()?;
+        let collector = Collector::start(&dist.dialguard, &dir.path().join("dialguard.db"), echo)?;
+        let mut pods = vec![
+            PodServer::start("manager-0 (this pod)", layout.at(layout.own_pod))?,
+            PodServer::start("manager-1", layout.at(layout.peer_pod))?,
+            PodServer::start("idle", layout.at(layout.idle_pod))?,
+        ];
+        for (i, ip) in layout.app_pods.iter().enumerate() {
+            pods.push(PodServer::start(&format!("app-{i}"), layout.at(*ip))?);
+            pods.push(PodServer::start(
+                &format!("app-{i} (port {})", layout.passthrough_port),
+                SocketAddr::new(IpAddr::V4(*ip), layout.passthrough_port),
+            )?);
+        }
+        let access_log = dir.path().join("access.log");
+        let bootstrap = sidecar::bootstrap(&layout, &dist.module, collector.grpc, &access_log);
+        let envoy = Envoy::start(&dist.envoy, &bootstrap, dir.path(), access_log)?;
+        Ok(Self {
+            layout,
+            collector,
+            envoy,
+            pods,
+            dir,
+        })
+    }
+
+    /// The manager application in this pod dials `dialed` through its sidecar.
+    pub fn dial(&self, dialed: SocketAddr) -> anyhow::Result<Outcome> {
+        client::dial(self.envoy.outbound, IpAddr::V4(self.layout.own_pod), dialed)
+    }
+
+    /// Stops the pod server listening on `addr` (the incident's `idle` pod has none).
+    pub fn stop_pod(&mut self, addr: SocketAddr) {
+        self.pods.retain(|pod| pod.addr != addr);
+    }
+
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(&self.envoy.access_log).unwrap_or_default()
+    }
+}

@@ -1,0 +1,372 @@
+//! An Envoy 1.40 shaped like the incident's istio-proxy, on loopback.
+//!
+//! Names and shapes follow what istiod generates (see
+//! ../shared/testdata/istio/): `virtualOutbound` with `use_original_dst` and
+//! the `virtualOutbound-blackhole` / `virtualOutbound-catchall-tcp` chains;
+//! per-service listeners `<VIP>_<port>` with `bind_to_port: false`; the
+//! catch-all `0.0.0.0_<port>` that an ExternalName Service declaring the port
+//! produces (own-IP chain to `BlackHoleCluster`, default chain to a
+//! STRICT_DNS `outbound|<port>||app-ext.app.svc.cluster.local`);
+//! `PassthroughCluster` (ORIGINAL_DST) and `BlackHoleCluster`; node metadata
+//! as the sidecar injector sets it. Differences, all forced by running without
+//! Kubernetes: EDS clusters are STATIC with the same endpoints; pods, VIPs and
+//! the idle pod are loopback addresses; the `original_dst` listener filter is
+//! replaced by `proxy_protocol` (see [`crate::client`]).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use dialguard_envoyfilter::{ModuleSource, collector_cluster, network_filter};
+use serde_json::{Value, json};
+
+use crate::process::{ChildGuard, piped, tee_lines};
+
+pub const SERVICE_CIDR: &str = "127.96.0.0/16";
+pub const POD_CIDR: &str = "127.0.0.0/16";
+pub const COLLECTOR_CLUSTER: &str = "dialguard_collector";
+
+/// Addresses of the incident, mapped onto loopback.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// The TCP port the services share (Hazelcast's 5701 in the field report).
+    pub port: u16,
+    /// A port no listener covers: traffic to it takes `PassthroughCluster`.
+    pub passthrough_port: u16,
+    /// The manager pod whose sidecar this is.
+    pub own_pod: Ipv4Addr,
+    /// The other manager pod, which Hazelcast dials directly.
+    pub peer_pod: Ipv4Addr,
+    /// The `idle` pod behind `idle.manager.svc.cluster.local`.
+    pub idle_pod: Ipv4Addr,
+    pub app_pods: [Ipv4Addr; 2],
+    pub manager_vip: Ipv4Addr,
+    pub app_vip: Ipv4Addr,
+}
+
+impl Layout {
+    /// The incident's addresses, with ports free on every one of them.
+    pub fn choose() -> anyhow::Result<Self> {
+        let mut layout = Self {
+            port: 0,
+            passthrough_port: 0,
+            own_pod: Ipv4Addr::new(127, 0, 1, 6),
+            peer_pod: Ipv4Addr::new(127, 0, 1, 7),
+            idle_pod: Ipv4Addr::new(127, 0, 1, 9),
+            app_pods: [Ipv4Addr::new(127, 0, 2, 4), Ipv4Addr::new(127, 0, 2, 5)],
+            manager_vip: Ipv4Addr::new(127, 96, 0, 20),
+            app_vip: Ipv4Addr::new(127, 96, 3, 4),
+        };
+        layout.port = free_port_on(&layout.pod_ips())?;
+        layout.passthrough_port = free_port_on(&layout.pod_ips())?;
+        Ok(layout)
+    }
+
+    pub fn pod_ips(&self) -> Vec<Ipv4Addr> {
+        let mut ips = vec![self.own_pod, self.peer_pod, self.idle_pod];
+        ips.extend(self.app_pods);
+        ips
+    }
+
+    pub fn at(&self, ip: Ipv4Addr) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(ip), self.port)
+    }
+
+    pub fn manager_cluster(&self) -> String {
+        format!("outbound|{}||manager.manager.svc.cluster.local", self.port)
+    }
+    pub fn app_cluster(&self) -> String {
+        format!("outbound|{}||app.app.svc.cluster.local", self.port)
+    }
+    pub fn app_ext_cluster(&self) -> String {
+        format!("outbound|{}||app-ext.app.svc.cluster.local", self.port)
+    }
+}
+
+/// A port that is free on each of `ips` (bound and released; loopback only).
+fn free_port_on(ips: &[Ipv4Addr]) -> anyhow::Result<u16> {
+    for _ in 0..50 {
+        let probe = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let port = probe.local_addr()?.port();
+        drop(probe);
+        if ips
+            .iter()
+            .all(|ip| std::net::TcpListener::bind((*ip, port)).is_ok())
+        {
+            return Ok(port);
+        }
+    }
+    bail!("no port free on all of {ips:?}")
+}
+
+/// The dialguard filter configuration used by the sidecar.
+pub fn filter_config() -> Value {
+    json!({
+        "mode": "audit",
+        "collector": { "cluster": COLLECTOR_CLUSTER, "flushIntervalMs": 100 },
+        "serviceCidrs": [SERVICE_CIDR],
+        "podCidrs": [POD_CIDR],
+    })
+}
+
+fn tcp_proxy(cluster: &str, access_log: &Path) -> Value {
+    json!({
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": cluster,
+            "cluster": cluster,
+            "access_log": [{
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": access_log,
+                    "log_format": { "text_format_source": { "inline_string":
+                        "dialed=%DOWNSTREAM_LOCAL_ADDRESS% upstream=%UPSTREAM_HOST% cluster=%UPSTREAM_CLUSTER% flags=%RESPONSE_FLAGS%\n"
+                    }}
+                }
+            }]
+        }
+    })
+}
+
+/// An outbound filter chain: dialguard before tcp_proxy, as the rollout inserts it.
+fn chain(
+    name: Option<&str>,
+    matcher: Option<Value>,
+    cluster: &str,
+    dialguard: &Value,
+    log: &Path,
+) -> Value {
+    let mut chain = json!({ "filters": [dialguard, tcp_proxy(cluster, log)] });
+    if let Some(name) = name {
+        chain["name"] = json!(name);
+    }
+    if let Some(matcher) = matcher {
+        chain["filter_chain_match"] = matcher;
+    }
+    chain
+}
+
+fn static_cluster(name: &str, service: (&str, &str), endpoints: &[SocketAddr]) -> Value {
+    let (host, namespace) = service;
+    let short = host.split('.').next().unwrap_or(host);
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": { "cluster_name": name, "endpoints": [{ "lb_endpoints":
+            endpoints.iter().map(|a| json!({ "endpoint": { "address": { "socket_address": {
+                "address": a.ip().to_string(), "port_value": a.port() }}}})).collect::<Vec<_>>()
+        }]},
+        "metadata": { "filter_metadata": { "istio": {
+            "services": [{ "host": host, "name": short, "namespace": namespace }],
+            "default_original_port": endpoints.first().map_or(0, |a| a.port()),
+        }}}
+    })
+}
+
+/// The whole bootstrap of the manager pod's sidecar.
+pub fn bootstrap(
+    layout: &Layout,
+    module: &Path,
+    collector: SocketAddr,
+    access_log: &Path,
+) -> Value {
+    let dialguard = network_filter(
+        &filter_config(),
+        &ModuleSource::LocalFile(module.display().to_string()),
+    );
+    let port = layout.port;
+    let listener = |name: String, ip: &str, chains: Vec<Value>| {
+        json!({
+            "name": name,
+            "address": { "socket_address": { "address": ip, "port_value": port }},
+            "filter_chains": chains,
+            "traffic_direction": "OUTBOUND",
+            "bind_to_port": false,
+        })
+    };
+    let vip_listener = |vip: Ipv4Addr, cluster: String| {
+        listener(
+            format!("{vip}_{port}"),
+            &vip.to_string(),
+            vec![chain(None, None, &cluster, &dialguard, access_log)],
+        )
+    };
+    let pod = pod_identity(layout);
+    json!({
+        "node": {
+            "id": format!("sidecar~{}~{}.manager~manager.svc.cluster.local", layout.own_pod, pod),
+            "cluster": "manager.manager",
+            "metadata": {
+                "NAME": pod,
+                "NAMESPACE": "manager",
+                "WORKLOAD_NAME": "manager",
+                "INSTANCE_IPS": layout.own_pod.to_string(),
+                "CLUSTER_ID": "Kubernetes",
+                "ISTIO_VERSION": "1.24.2",
+                "LABELS": { "app": "manager" },
+            }
+        },
+        "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 }}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "virtualOutbound",
+                    "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 }},
+                    "listener_filters": [{
+                        "name": "envoy.filters.listener.proxy_protocol",
+                        "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol" }
+                    }],
+                    "filter_chains": [
+                        chain(Some("virtualOutbound-blackhole"), Some(json!({ "destination_port": 15001 })), "BlackHoleCluster", &dialguard, access_log),
+                        chain(Some("virtualOutbound-catchall-tcp"), None, "PassthroughCluster", &dialguard, access_log),
+                    ],
+                    "use_original_dst": true,
+                    "traffic_direction": "OUTBOUND",
+                },
+                vip_listener(layout.manager_vip, layout.manager_cluster()),
+                vip_listener(layout.app_vip, layout.app_cluster()),
+                // What the ExternalName Service `app-ext` (port 5701) made istiod generate.
+                listener(format!("0.0.0.0_{port}"), "0.0.0.0", vec![
+                    chain(None, Some(json!({ "prefix_ranges": [{ "address_prefix": layout.own_pod.to_string(), "prefix_len": 32 }] })),
+                          "BlackHoleCluster", &dialguard, access_log),
+                    chain(None, None, &layout.app_ext_cluster(), &dialguard, access_log),
+                ]),
+            ],
+            "clusters": [
+                { "name": "PassthroughCluster", "type": "ORIGINAL_DST", "connect_timeout": "1s", "lb_policy": "CLUSTER_PROVIDED" },
+                { "name": "BlackHoleCluster", "type": "STATIC", "connect_timeout": "1s" },
+                static_cluster(&layout.manager_cluster(), ("manager.manager.svc.cluster.local", "manager"),
+                               &[layout.at(layout.own_pod), layout.at(layout.peer_pod)]),
+                static_cluster(&layout.app_cluster(), ("app.app.svc.cluster.local", "app"),
+                               &layout.app_pods.map(|ip| layout.at(ip))),
+                app_ext_cluster(layout),
+                collector_cluster(COLLECTOR_CLUSTER, &collector.ip().to_string(), collector.port()),
+            ]
+        }
+    })
+}
+
+/// The ExternalName Service's cluster: STRICT_DNS to `idle.manager.svc.cluster.local`,
+/// here the idle pod's literal address (no cluster DNS on loopback).
+fn app_ext_cluster(layout: &Layout) -> Value {
+    let mut cluster = static_cluster(
+        &layout.app_ext_cluster(),
+        ("app-ext.app.svc.cluster.local", "app"),
+        &[layout.at(layout.idle_pod)],
+    );
+    cluster["type"] = json!("STRICT_DNS");
+    cluster["dns_lookup_family"] = json!("V4_ONLY");
+    cluster
+}
+
+pub fn pod_identity(_layout: &Layout) -> &'static str {
+    "manager-7948c8d9f-sh7rx"
+}
+
+/// A running Envoy with its admin endpoint.
+#[derive(Debug)]
+pub struct Envoy {
+    pub process: ChildGuard,
+    pub admin: SocketAddr,
+    /// Where `virtualOutbound` listens (15001 in a pod).
+    pub outbound: SocketAddr,
+    pub access_log: PathBuf,
+}
+
+impl Envoy {
+    pub fn start(
+        envoy: &Path,
+        bootstrap: &Value,
+        dir: &Path,
+        access_log: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let config = dir.join("envoy.json");
+        std::fs::write(&config, serde_json::to_vec_pretty(bootstrap)?)?;
+        let admin_file = dir.join("envoy-admin-address");
+        let mut command = Command::new(envoy);
+        command
+            .arg("-c")
+            .arg(&config)
+            .arg("--admin-address-path")
+            .arg(&admin_file)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "2",
+                "-l",
+                "warning",
+            ]);
+        let mut process = ChildGuard::spawn("envoy", piped(&mut command))?;
+        let stderr = process.child_mut().stderr.take().context("envoy stderr")?;
+        let _ = tee_lines("envoy", stderr, true);
+        let admin = crate::wait_for(Duration::from_secs(30), || {
+            std::fs::read_to_string(&admin_file)
+                .ok()?
+                .trim()
+                .parse::<SocketAddr>()
+                .ok()
+        });
+        process.check_running()?;
+        let admin = admin.context("envoy did not publish its admin address within 30 s")?;
+        let ready = crate::wait_for(Duration::from_secs(30), || {
+            (admin_get(admin, "/ready").ok()?.trim() == "LIVE").then_some(())
+        });
+        process.check_running()?;
+        ready.context("envoy did not become LIVE within 30 s")?;
+        let outbound = listener_address(admin, "virtualOutbound")?;
+        Ok(Self {
+            process,
+            admin,
+            outbound,
+            access_log,
+        })
+    }
+
+    /// Counter values whose names contain `filter`, from `/stats?format=json`.
+    pub fn counters(
+        &self,
+        filter: &str,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        let body = admin_get(self.admin, &format!("/stats?format=json&filter={filter}"))?;
+        let stats: Value = serde_json::from_str(&body)?;
+        Ok(stats["stats"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| Some((s["name"].as_str()?.to_owned(), s["value"].as_u64()?)))
+            .collect())
+    }
+}
+
+pub fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let url = format!("http://{admin}{path}");
+    let body = ureq::get(&url)
+        .call()
+        .with_context(|| format!("GET {url}"))?
+        .body_mut()
+        .read_to_string()?;
+    Ok(body)
+}
+
+fn listener_address(admin: SocketAddr, name: &str) -> anyhow::Result<SocketAddr> {
+    let body = admin_get(admin, "/listeners?format=json")?;
+    let listeners: Value = serde_json::from_str(&body)?;
+    let found = listeners["listener_statuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|l| l["name"] == name)
+        .with_context(|| format!("listener {name} not in /listeners: {body}"))?;
+    let address = &found["local_address"]["socket_address"];
+    let ip: IpAddr = address["address"]
+        .as_str()
+        .context("listener address")?
+        .parse()?;
+    let port = address["port_value"].as_u64().context("listener port")?;
+    Ok(SocketAddr::new(ip, u16::try_from(port)?))
+}

