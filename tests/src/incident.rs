@@ -24,6 +24,15 @@ pub struct Incident {
 impl Incident {
     /// Starts everything; `echo` forwards the children's logs to stderr.
     pub fn start(dist: &Dist, echo: bool) -> anyhow::Result<Self> {
+        Self::start_with(dist, &sidecar::filter_config(), echo)
+    }
+
+    /// Starts everything with a given dialguard filter configuration.
+    pub fn start_with(
+        dist: &Dist,
+        filter_config: &serde_json::Value,
+        echo: bool,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("dialguard-e2e").tempdir()?;
         let layout = Layout::choose()?;
         let collector = Collector::start(&dist.dialguard, &dir.path().join("dialguard.db"), echo)?;
@@ -40,7 +49,13 @@ impl Incident {
             )?);
         }
         let access_log = dir.path().join("access.log");
-        let bootstrap = sidecar::bootstrap(&layout, &dist.module, collector.grpc, &access_log);
+        let bootstrap = sidecar::bootstrap(
+            &layout,
+            &dist.module,
+            filter_config,
+            collector.grpc,
+            &access_log,
+        );
         let envoy = Envoy::start(&dist.envoy, &bootstrap, dir.path(), access_log)?;
         Ok(Self {
             layout,

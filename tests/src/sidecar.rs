@@ -168,15 +168,17 @@ fn static_cluster(name: &str, service: (&str, &str), endpoints: &[SocketAddr]) -
     })
 }
 
-/// The whole bootstrap of the manager pod's sidecar.
+/// The whole bootstrap of the manager pod's sidecar, with `filter_config` as
+/// the dialguard configuration.
 pub fn bootstrap(
     layout: &Layout,
     module: &Path,
+    filter_config: &Value,
     collector: SocketAddr,
     access_log: &Path,
 ) -> Value {
     let dialguard = network_filter(
-        &filter_config(),
+        filter_config,
         &ModuleSource::LocalFile(module.display().to_string()),
     );
     let port = layout.port;
