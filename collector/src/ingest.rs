@@ -146,8 +146,10 @@ impl CollectorService {
                     through_sequence: through,
                 })),
             };
-            if tx.send(Ok(ack)).await.is_err() {
-                return Ok(());
+            // A sidecar that stops reading acks must not hold up shutdown.
+            tokio::select! {
+                sent = tx.send(Ok(ack)) => if sent.is_err() { return Ok(()) },
+                _ = self.shutdown.wait_for(|stop| *stop) => return Err(IngestError::ShuttingDown),
             }
         }
     }

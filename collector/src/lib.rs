@@ -85,8 +85,14 @@ pub async fn run(
         Ok(Err(join)) => Err(ServeError::Http(std::io::Error::other(join))),
         Err(_) => Ok(()),
     };
-    // The writer thread ends once every stream task has dropped its handle.
-    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    // The writer thread ends once every stream task has dropped its handle;
+    // commits already queued finish first. A connection that outlives the
+    // grace period is abandoned: what it did not get acknowledged, the
+    // sidecar sends again.
+    let join = tokio::task::spawn_blocking(move || writer_thread.join());
+    if tokio::time::timeout(grace, join).await.is_err() {
+        tracing::warn!("streams still open after {grace:?}; stopping without them");
+    }
     grpc_result.and(http_result)
 }
 

@@ -58,10 +58,12 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             dist(&root)?;
-            run(cargo(&root)
-                .args(["test", "--workspace", "--release"])
-                .args(&args)
-                .env("DIALGUARD_DIST", root.join("dist")))
+            test(
+                cargo(&root)
+                    .args(["test", "--workspace", "--release", "--all-targets"])
+                    .args(&args)
+                    .env("DIALGUARD_DIST", root.join("dist")),
+            )
         }
     }
 }
@@ -85,6 +87,45 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
         .with_context(|| format!("running {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and closes with one line
+/// that totals every test binary's result (cargo prints one line per binary).
+fn test(command: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: {command:?}");
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {command:?}"))?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(counts) = line.strip_prefix("test result: ") {
+            for part in counts.split([';', '.']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("summary: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
     }
     Ok(())
 }
