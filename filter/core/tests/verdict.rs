@@ -72,8 +72,15 @@ const ALLOW: &str = r#", "allow": [
 
 #[test]
 fn verdict_table() {
-    let cases: &[(&str, &str, Option<&str>, Option<&str>, Option<Verdict>)] = &[
-        // (config extra, dialed, upstream, cluster, verdict)
+    // (config extra, dialed, upstream, cluster, verdict)
+    type Case = (
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+        Option<&'static str>,
+        Option<Verdict>,
+    );
+    let cases: &[Case] = &[
         (
             "",
             "10.0.1.7:5701",
