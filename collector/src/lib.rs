@@ -35,6 +35,8 @@ pub struct ServeConfig {
     pub db_path: PathBuf,
     /// How long open streams get to finish after shutdown begins.
     pub shutdown_grace: Duration,
+    /// The filter module to serve to sidecars, if any.
+    pub module: Option<http::Module>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,8 +65,11 @@ pub async fn run(
     let grpc_server = tonic::transport::Server::builder()
         .add_service(CollectorServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
-    let http_server = axum::serve(http, http::router(config.db_path.clone()))
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http_server = axum::serve(
+        http,
+        http::router(config.db_path.clone(), config.module.clone()),
+    )
+    .with_graceful_shutdown(stopped(stop_rx.clone()));
 
     let grpc_task = tokio::spawn(grpc_server);
     let http_task = tokio::spawn(http_server.into_future());

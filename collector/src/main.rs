@@ -1,5 +1,6 @@
 //! `dialguard`: the collector's command line. `serve` runs the collector;
-//! `report` prints the audit report from its database.
+//! `report` prints the audit report from its database; `rollout` prints the
+//! Istio resources that install the filter.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use dialguard_collector::http::Module;
 use dialguard_collector::{ServeConfig, report, store};
+use dialguard_envoyfilter::rollout::{self, CollectorManifests, RolloutArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,7 +37,14 @@ enum Command {
         /// SQLite database file; created if missing.
         #[arg(long)]
         db: PathBuf,
+        /// The filter module to serve at /module/dialguard_filter.wasm (its
+        /// SHA-256 is printed at startup, for `rollout --module-sha256`).
+        #[arg(long)]
+        module: Option<PathBuf>,
     },
+    /// Print the Kubernetes resources (EnvoyFilter or WasmPlugin, and
+    /// optionally the collector) that install dialguard in selected namespaces.
+    Rollout(RolloutFlags),
     /// Print the audit report from a database (also while `serve` runs on it).
     Report {
         #[arg(long)]
@@ -42,6 +52,74 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// List the ports where a catch-all listener sends plain TCP somewhere
+    /// other than PassthroughCluster (exit code 1 when there are any).
+    ///
+    /// Exit code 0: none found; 1: findings; 2: FILE cannot be read or is
+    /// not a config dump.
+    Analyze {
+        /// A sidecar's config dump: `istioctl proxy-config all -o json`,
+        /// Envoy's /config_dump, or `istioctl proxy-config listeners -o json`.
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RolloutFlags {
+    /// Namespace whose sidecars get the filter (repeat for several).
+    #[arg(long = "namespace", required = true)]
+    namespaces: Vec<String>,
+    /// Only workloads with this label, as key=value (repeat to require several).
+    #[arg(long = "selector")]
+    selectors: Vec<String>,
+    /// What the filter does with a misrouted connection.
+    #[arg(long, default_value = "audit")]
+    mode: String,
+    /// The collector's gRPC address as the sidecars reach it, HOST:PORT.
+    /// Defaults to the in-cluster collector with --with-collector.
+    #[arg(long)]
+    collector: Option<String>,
+    /// Where Envoy downloads the module (http:// or https://).
+    #[arg(long)]
+    module_url: String,
+    /// The module's SHA-256, 64 hex digits; Envoy refuses any other bytes.
+    #[arg(long)]
+    module_sha256: String,
+    /// Service VIP range (repeat); default: the filter's (10.96.0.0/12).
+    #[arg(long = "service-cidr")]
+    service_cidrs: Vec<String>,
+    /// Pod range (repeat).
+    #[arg(long = "pod-cidr")]
+    pod_cidrs: Vec<String>,
+    /// EnvoyFilter priority.
+    #[arg(long, default_value_t = 10, allow_negative_numbers = true)]
+    priority: i32,
+    /// Render a WasmPlugin (Istio 1.20+) for the filter instead of an EnvoyFilter patch.
+    #[arg(long)]
+    wasm_plugin: bool,
+    /// Also render the collector's Deployment, Service and PVC.
+    #[arg(long)]
+    with_collector: bool,
+    #[arg(long, default_value = "dialguard")]
+    collector_namespace: String,
+    /// Container image of the collector (with the module at /opt/dialguard/dialguard_filter.wasm).
+    #[arg(long, required_if_eq("with_collector", "true"))]
+    collector_image: Option<String>,
+    #[arg(long, default_value = "1Gi")]
+    collector_storage: String,
+    /// Print what removes the rollout instead (for `kubectl delete -f -`).
+    #[arg(long)]
+    uninstall: bool,
+    #[arg(long, value_enum, default_value_t = Output::Yaml)]
+    output: Output,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Yaml,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -60,19 +138,35 @@ fn main() -> ExitCode {
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("dialguard: {err:#}");
-            ExitCode::FAILURE
-        }
+        Err(err) => match err.downcast_ref::<AnalyzeExit>() {
+            // The findings are on stdout already.
+            Some(AnalyzeExit::Findings) => ExitCode::from(1),
+            Some(AnalyzeExit::InvalidInput(cause)) => {
+                eprintln!("dialguard: {cause:#}");
+                ExitCode::from(2)
+            }
+            None => {
+                eprintln!("dialguard: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { grpc, http, db } => {
+        Command::Serve {
+            grpc,
+            http,
+            db,
+            module,
+        } => {
+            let module = module.map(|path| Module::load(&path)).transpose()?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(serve(grpc, http, db))
+            runtime.block_on(serve(grpc, http, db, module))
         }
+        Command::Rollout(flags) => rollout(flags),
+        Command::Analyze { file, format } => analyze_file(&file, format),
         Command::Report { db, format } => {
             let conn = store::open_for_reading(&db)?;
             let report = report::query(&conn)?;
@@ -85,7 +179,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(grpc: SocketAddr, http: SocketAddr, db: PathBuf) -> anyhow::Result<()> {
+async fn serve(
+    grpc: SocketAddr,
+    http: SocketAddr,
+    db: PathBuf,
+    module: Option<Module>,
+) -> anyhow::Result<()> {
     let grpc = tokio::net::TcpListener::bind(grpc)
         .await
         .with_context(|| format!("--grpc {grpc}: cannot listen"))?;
@@ -99,11 +198,67 @@ async fn serve(grpc: SocketAddr, http: SocketAddr, db: PathBuf) -> anyhow::Resul
         http.local_addr()?,
         db.display()
     );
+    if let Some(module) = &module {
+        eprintln!(
+            "dialguard: serving module sha256={} at http://{}{}",
+            module.sha256,
+            http.local_addr()?,
+            dialguard_collector::http::MODULE_PATH
+        );
+    }
     let config = ServeConfig {
         db_path: db,
         shutdown_grace: Duration::from_secs(5),
+        module,
     };
     dialguard_collector::run(grpc, http, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn rollout(flags: RolloutFlags) -> anyhow::Result<()> {
+    let collector_manifests = flags.with_collector.then(|| CollectorManifests {
+        namespace: flags.collector_namespace.clone(),
+        image: flags.collector_image.clone().unwrap_or_default(),
+        storage: flags.collector_storage.clone(),
+    });
+    let collector = match (&flags.collector, flags.with_collector) {
+        (Some(address), _) => address.clone(),
+        (None, true) => rollout::in_cluster_collector(&flags.collector_namespace),
+        (None, false) => anyhow::bail!("--collector HOST:PORT is required (or --with-collector)"),
+    };
+    let args = RolloutArgs {
+        namespaces: flags.namespaces,
+        selectors: flags.selectors,
+        mode: flags.mode,
+        collector,
+        module_url: flags.module_url,
+        module_sha256: flags.module_sha256,
+        service_cidrs: flags.service_cidrs,
+        pod_cidrs: flags.pod_cidrs,
+        priority: flags.priority,
+        wasm_plugin: flags.wasm_plugin,
+        collector_manifests,
+    };
+    let objects = match flags.uninstall {
+        false => rollout::render(&args)?,
+        true => rollout::uninstall(&args)?,
+    };
+    // Rendered in full before printing: an error leaves no partial output.
+    let text = match flags.output {
+        Output::Json => {
+            let list = serde_json::json!({ "apiVersion": "v1", "kind": "List", "items": objects });
+            serde_json::to_string_pretty(&list)? + "\n"
+        }
+        Output::Yaml => {
+            let mut text = String::new();
+            for object in &objects {
+                text.push_str("---\n");
+                text.push_str(&serde_yaml_ng::to_string(object)?);
+            }
+            text
+        }
+    };
+    print!("{text}");
     Ok(())
 }
 
@@ -119,5 +274,43 @@ async fn shutdown_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// How `analyze` ends when it does not succeed with exit code 0; `main` maps
+/// it to its own exit code instead of the generic failure.
+#[derive(Debug, thiserror::Error)]
+enum AnalyzeExit {
+    /// Catch-all ports were found (and printed): exit code 1.
+    #[error("catch-all ports found")]
+    Findings,
+    /// The file could not be read or is not a config dump: exit code 2.
+    #[error("{0:#}")]
+    InvalidInput(anyhow::Error),
+}
+
+fn analyze_file(file: &std::path::Path, format: Format) -> anyhow::Result<()> {
+    use dialguard_envoyfilter::analyze;
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("{}: cannot read", file.display()))
+        .map_err(AnalyzeExit::InvalidInput)?;
+    let analysis = analyze::parse(&text)
+        .and_then(|dump| analyze::analyze_dump(&dump))
+        .with_context(|| file.display().to_string())
+        .map_err(AnalyzeExit::InvalidInput)?;
+    if analysis.listeners == 0 {
+        eprintln!(
+            "dialguard: warning: {} holds no listeners, so no port was checked",
+            file.display()
+        );
+    }
+    match format {
+        Format::Table => print!("{}", analyze::render_table(&analysis.findings)),
+        Format::Json => println!("{}", analyze::render_json(&analysis.findings)),
+    }
+    if analysis.findings.is_empty() {
+        Ok(())
+    } else {
+        Err(AnalyzeExit::Findings.into())
     }
 }

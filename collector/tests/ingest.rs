@@ -60,6 +60,7 @@ impl Server {
         let config = ServeConfig {
             db_path: db.to_owned(),
             shutdown_grace,
+            module: None,
         };
         let task = tokio::spawn(dialguard_collector::run(grpc, http, config, async move {
             let _ = stopped.await;

@@ -4,6 +4,9 @@
 //! wraps these same pieces in patches; the end-to-end tests and the demo put
 //! them into an Istio-shaped Envoy bootstrap, so what ships is what is tested.
 
+pub mod analyze;
+pub mod rollout;
+
 use serde_json::{Value, json};
 
 /// The filter's name in Envoy's filter chains, and its wasm `root_id`.
@@ -14,6 +17,12 @@ pub const FILTER_NAME: &str = "dialguard";
 pub enum ModuleSource {
     /// A file on the proxy's disk.
     LocalFile(String),
+    /// Fetched by Envoy over HTTP through `cluster`, checked against `sha256`.
+    Remote {
+        uri: String,
+        cluster: String,
+        sha256: String,
+    },
 }
 
 /// The `envoy.filters.network.wasm` filter, with `filter_config` (the
@@ -22,6 +31,15 @@ pub enum ModuleSource {
 pub fn network_filter(filter_config: &Value, module: &ModuleSource) -> Value {
     let code = match module {
         ModuleSource::LocalFile(path) => json!({ "local": { "filename": path } }),
+        ModuleSource::Remote {
+            uri,
+            cluster,
+            sha256,
+        } => json!({ "remote": {
+            "http_uri": { "uri": uri, "cluster": cluster, "timeout": "10s" },
+            "sha256": sha256,
+            "retry_policy": { "num_retries": 5 },
+        }}),
     };
     json!({
         "name": FILTER_NAME,
@@ -45,13 +63,12 @@ pub fn network_filter(filter_config: &Value, module: &ModuleSource) -> Value {
     })
 }
 
-/// The cluster the filter streams events through. It must speak HTTP/2
-/// (gRPC); without it the stream closes with "protocol error".
-pub fn collector_cluster(name: &str, host: &str, port: u16) -> Value {
+/// A STRICT_DNS cluster with one endpoint (a name or an IP literal).
+fn dns_cluster(name: &str, host: &str, port: u16, connect_timeout: &str) -> Value {
     json!({
         "name": name,
         "type": "STRICT_DNS",
-        "connect_timeout": "1s",
+        "connect_timeout": connect_timeout,
         "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {
             "cluster_name": name,
@@ -59,11 +76,34 @@ pub fn collector_cluster(name: &str, host: &str, port: u16) -> Value {
                 "socket_address": { "address": host, "port_value": port }
             }}}]}]
         },
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": { "http2_protocol_options": {} }
-            }
-        }
     })
+}
+
+/// The cluster the filter streams events through. It must speak HTTP/2
+/// (gRPC); without it the stream closes with "protocol error".
+pub fn collector_cluster(name: &str, host: &str, port: u16) -> Value {
+    let mut cluster = dns_cluster(name, host, port, "1s");
+    cluster["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": { "http2_protocol_options": {} }
+        }
+    });
+    cluster
+}
+
+/// A plain HTTP/1.1 (or TLS, for `https` module URLs) cluster from which Envoy
+/// fetches the module.
+pub fn module_cluster(name: &str, host: &str, port: u16, tls: bool) -> Value {
+    let mut cluster = dns_cluster(name, host, port, "5s");
+    if tls {
+        cluster["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": host,
+            }
+        });
+    }
+    cluster
 }

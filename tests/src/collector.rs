@@ -20,6 +20,8 @@ pub struct Collector {
     pub db: PathBuf,
     /// The alert lines it prints on stdout.
     pub alerts: Receiver<String>,
+    /// The served module's SHA-256, with `--module`.
+    pub module_sha256: Option<String>,
     binary: PathBuf,
 }
 
@@ -29,7 +31,14 @@ fn field(line: &str, key: &str) -> Option<SocketAddr> {
 }
 
 impl Collector {
-    pub fn start(binary: &Path, db: &Path, echo_log: bool) -> anyhow::Result<Self> {
+    /// `dialguard serve` on port 0; with `module`, also `--module` (its
+    /// SHA-256, as printed, lands in `module_sha256`).
+    pub fn start(
+        binary: &Path,
+        db: &Path,
+        module: Option<&Path>,
+        echo_log: bool,
+    ) -> anyhow::Result<Self> {
         let mut command = Command::new(binary);
         command
             .args([
@@ -41,6 +50,9 @@ impl Collector {
                 "--db",
             ])
             .arg(db);
+        if let Some(module) = module {
+            command.arg("--module").arg(module);
+        }
         let mut process = ChildGuard::spawn("dialguard serve", piped(&mut command))?;
         let stderr = process
             .child_mut()
@@ -55,9 +67,15 @@ impl Collector {
         let log = tee_lines("collector", stderr, echo_log);
         let alerts = tee_lines("alert", stdout, false);
         let mut addrs = None;
+        let mut module_sha256 = None;
         while let Ok(line) = log.recv_timeout(Duration::from_secs(20)) {
             if let (Some(grpc), Some(http)) = (field(&line, "grpc="), field(&line, "http=")) {
                 addrs = Some((grpc, http));
+            }
+            if let Some(rest) = line.split("sha256=").nth(1) {
+                module_sha256 = rest.split_whitespace().next().map(str::to_owned);
+            }
+            if addrs.is_some() && (module.is_none() || module_sha256.is_some()) {
                 break;
             }
         }
@@ -71,6 +89,7 @@ impl Collector {
             http,
             db: db.to_owned(),
             alerts,
+            module_sha256,
             binary: binary.to_owned(),
         })
     }

@@ -9,7 +9,7 @@ use crate::client::{self, Outcome};
 use crate::collector::Collector;
 use crate::dist::Dist;
 use crate::pods::PodServer;
-use crate::sidecar::{self, Envoy, Layout};
+use crate::sidecar::{self, Envoy, Install, Layout};
 
 #[derive(Debug)]
 pub struct Incident {
@@ -33,9 +33,29 @@ impl Incident {
         filter_config: &serde_json::Value,
         echo: bool,
     ) -> anyhow::Result<Self> {
+        Self::start_installed(dist, false, echo, |collector| {
+            Ok(Install::local(&dist.module, filter_config, collector.grpc))
+        })
+    }
+
+    /// Starts everything, with dialguard installed in the sidecar as `install`
+    /// decides once the collector runs (with `serve_module`, it serves the
+    /// module too).
+    pub fn start_installed(
+        dist: &Dist,
+        serve_module: bool,
+        echo: bool,
+        install: impl FnOnce(&Collector) -> anyhow::Result<Install>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("dialguard-e2e").tempdir()?;
         let layout = Layout::choose()?;
-        let collector = Collector::start(&dist.dialguard, &dir.path().join("dialguard.db"), echo)?;
+        let module = serve_module.then_some(dist.module.as_path());
+        let collector = Collector::start(
+            &dist.dialguard,
+            &dir.path().join("dialguard.db"),
+            module,
+            echo,
+        )?;
         let mut pods = vec![
             PodServer::start("manager-0 (this pod)", layout.at(layout.own_pod))?,
             PodServer::start("manager-1", layout.at(layout.peer_pod))?,
@@ -49,14 +69,8 @@ impl Incident {
             )?);
         }
         let access_log = dir.path().join("access.log");
-        let bootstrap = sidecar::bootstrap(
-            &layout,
-            &dist.module,
-            filter_config,
-            collector.grpc,
-            &access_log,
-        );
-        let envoy = Envoy::start(&dist.envoy, &bootstrap, dir.path(), access_log)?;
+        let bootstrap = sidecar::bootstrap(&layout, &install(&collector)?, &access_log);
+        let envoy = Envoy::start(&dist.envoy, echo, &bootstrap, dir.path(), access_log)?;
         Ok(Self {
             layout,
             collector,

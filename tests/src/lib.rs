@@ -9,6 +9,7 @@ pub mod client;
 pub mod collector;
 pub mod dist;
 pub mod incident;
+pub mod istio_dump;
 pub mod pods;
 pub mod process;
 pub mod sidecar;

@@ -168,19 +168,58 @@ fn static_cluster(name: &str, service: (&str, &str), endpoints: &[SocketAddr]) -
     })
 }
 
-/// The whole bootstrap of the manager pod's sidecar, with `filter_config` as
-/// the dialguard configuration.
-pub fn bootstrap(
-    layout: &Layout,
-    module: &Path,
-    filter_config: &Value,
-    collector: SocketAddr,
-    access_log: &Path,
-) -> Value {
-    let dialguard = network_filter(
-        filter_config,
-        &ModuleSource::LocalFile(module.display().to_string()),
-    );
+/// What installing dialguard adds to a sidecar: the network filter that goes
+/// before `tcp_proxy` in every outbound chain, and the clusters it needs.
+#[derive(Debug, Clone)]
+pub struct Install {
+    pub filter: Value,
+    pub clusters: Vec<Value>,
+}
+
+impl Install {
+    /// The module from a local file, streaming to the collector at `collector`.
+    pub fn local(module: &Path, filter_config: &Value, collector: SocketAddr) -> Self {
+        Self {
+            filter: network_filter(
+                filter_config,
+                &ModuleSource::LocalFile(module.display().to_string()),
+            ),
+            clusters: vec![collector_cluster(
+                COLLECTOR_CLUSTER,
+                &collector.ip().to_string(),
+                collector.port(),
+            )],
+        }
+    }
+
+    /// Exactly what a rendered `EnvoyFilter` patches in, as istiod applies it:
+    /// the `INSERT_BEFORE` value of its `NETWORK_FILTER` patch and the `ADD`
+    /// values of its `CLUSTER` patches.
+    pub fn from_envoy_filter(envoy_filter: &Value) -> anyhow::Result<Self> {
+        let patches = envoy_filter["spec"]["configPatches"]
+            .as_array()
+            .context("EnvoyFilter without spec.configPatches")?;
+        let mut filter = None;
+        let mut clusters = Vec::new();
+        for patch in patches {
+            let value = patch["patch"]["value"].clone();
+            match (
+                patch["applyTo"].as_str(),
+                patch["patch"]["operation"].as_str(),
+            ) {
+                (Some("NETWORK_FILTER"), Some("INSERT_BEFORE")) => filter = Some(value),
+                (Some("CLUSTER"), Some("ADD")) => clusters.push(value),
+                other => bail!("unexpected patch {other:?}"),
+            }
+        }
+        let filter = filter.context("EnvoyFilter without a NETWORK_FILTER patch")?;
+        Ok(Self { filter, clusters })
+    }
+}
+
+/// The whole bootstrap of the manager pod's sidecar with dialguard installed.
+pub fn bootstrap(layout: &Layout, install: &Install, access_log: &Path) -> Value {
+    let dialguard = &install.filter;
     let port = layout.port;
     let listener = |name: String, ip: &str, chains: Vec<Value>| {
         json!({
@@ -195,11 +234,11 @@ pub fn bootstrap(
         listener(
             format!("{vip}_{port}"),
             &vip.to_string(),
-            vec![chain(None, None, &cluster, &dialguard, access_log)],
+            vec![chain(None, None, &cluster, dialguard, access_log)],
         )
     };
     let pod = pod_identity(layout);
-    json!({
+    let mut bootstrap = json!({
         "node": {
             "id": format!("sidecar~{}~{}.manager~manager.svc.cluster.local", layout.own_pod, pod),
             "cluster": "manager.manager",
@@ -224,8 +263,8 @@ pub fn bootstrap(
                         "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol" }
                     }],
                     "filter_chains": [
-                        chain(Some("virtualOutbound-blackhole"), Some(json!({ "destination_port": 15001 })), "BlackHoleCluster", &dialguard, access_log),
-                        chain(Some("virtualOutbound-catchall-tcp"), None, "PassthroughCluster", &dialguard, access_log),
+                        chain(Some("virtualOutbound-blackhole"), Some(json!({ "destination_port": 15001 })), "BlackHoleCluster", dialguard, access_log),
+                        chain(Some("virtualOutbound-catchall-tcp"), None, "PassthroughCluster", dialguard, access_log),
                     ],
                     "use_original_dst": true,
                     "traffic_direction": "OUTBOUND",
@@ -235,8 +274,8 @@ pub fn bootstrap(
                 // What the ExternalName Service `app-ext` (port 5701) made istiod generate.
                 listener(format!("0.0.0.0_{port}"), "0.0.0.0", vec![
                     chain(None, Some(json!({ "prefix_ranges": [{ "address_prefix": layout.own_pod.to_string(), "prefix_len": 32 }] })),
-                          "BlackHoleCluster", &dialguard, access_log),
-                    chain(None, None, &layout.app_ext_cluster(), &dialguard, access_log),
+                          "BlackHoleCluster", dialguard, access_log),
+                    chain(None, None, &layout.app_ext_cluster(), dialguard, access_log),
                 ]),
             ],
             "clusters": [
@@ -247,10 +286,13 @@ pub fn bootstrap(
                 static_cluster(&layout.app_cluster(), ("app.app.svc.cluster.local", "app"),
                                &layout.app_pods.map(|ip| layout.at(ip))),
                 app_ext_cluster(layout),
-                collector_cluster(COLLECTOR_CLUSTER, &collector.ip().to_string(), collector.port()),
             ]
         }
-    })
+    });
+    if let Some(clusters) = bootstrap["static_resources"]["clusters"].as_array_mut() {
+        clusters.extend(install.clusters.iter().cloned());
+    }
+    bootstrap
 }
 
 /// The ExternalName Service's cluster: STRICT_DNS to `idle.manager.svc.cluster.local`,
@@ -278,11 +320,14 @@ pub struct Envoy {
     /// Where `virtualOutbound` listens (15001 in a pod).
     pub outbound: SocketAddr,
     pub access_log: PathBuf,
+    /// Envoy's log lines (stderr), as they come.
+    pub log: std::sync::mpsc::Receiver<String>,
 }
 
 impl Envoy {
     pub fn start(
         envoy: &Path,
+        echo: bool,
         bootstrap: &Value,
         dir: &Path,
         access_log: PathBuf,
@@ -305,7 +350,7 @@ impl Envoy {
             ]);
         let mut process = ChildGuard::spawn("envoy", piped(&mut command))?;
         let stderr = process.child_mut().stderr.take().context("envoy stderr")?;
-        let _ = tee_lines("envoy", stderr, true);
+        let log = tee_lines("envoy", stderr, echo);
         let admin = crate::wait_for(Duration::from_secs(30), || {
             std::fs::read_to_string(&admin_file)
                 .ok()?
@@ -326,6 +371,7 @@ impl Envoy {
             admin,
             outbound,
             access_log,
+            log,
         })
     }
 

@@ -8,20 +8,14 @@ use anyhow::Context;
 use dialguard_tests::client::Outcome;
 use dialguard_tests::dist::Dist;
 use dialguard_tests::incident::Incident;
-use dialguard_tests::sidecar::{self, Layout};
+use dialguard_tests::sidecar::{self, Install, Layout};
 use serde_json::json;
 
 fn validate(dist: &Dist, filter_config: &serde_json::Value) -> anyhow::Result<(bool, String)> {
     let dir = tempfile::tempdir()?;
     let layout = Layout::choose()?;
-    let collector = "127.0.0.1:9".parse()?;
-    let bootstrap = sidecar::bootstrap(
-        &layout,
-        &dist.module,
-        filter_config,
-        collector,
-        &dir.path().join("access.log"),
-    );
+    let install = Install::local(&dist.module, filter_config, "127.0.0.1:9".parse()?);
+    let bootstrap = sidecar::bootstrap(&layout, &install, &dir.path().join("access.log"));
     let path = dir.path().join("envoy.json");
     std::fs::write(&path, serde_json::to_vec(&bootstrap)?)?;
     let output = Command::new(&dist.envoy)

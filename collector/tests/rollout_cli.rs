@@ -1,0 +1,186 @@
+//! `dialguard rollout` through the real binary: the shipped examples in
+//! envoyfilter/examples/ are exactly what the documented commands print, and
+//! bad flags print a clear error and nothing on stdout.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+const SHA: &str = "9a568aa32a25ec828ae7119647f1a1fb3ff56722bfdcc880c6f45ca7ce6ee868";
+
+fn rollout(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dialguard"))
+        .arg("rollout")
+        .args(args)
+        .output()
+        .expect("run dialguard")
+}
+
+fn common() -> Vec<&'static str> {
+    vec![
+        "--module-url",
+        "http://dialguard-collector.dialguard.svc.cluster.local:8080/module/dialguard_filter.wasm",
+        "--module-sha256",
+        SHA,
+        "--service-cidr",
+        "10.96.0.0/12",
+        "--pod-cidr",
+        "10.244.0.0/16",
+    ]
+}
+
+/// (file, flags): each example and the command that produces it; the
+/// envoyfilter README lists the same commands.
+fn examples() -> Vec<(&'static str, Vec<&'static str>)> {
+    let collector = [
+        "--collector",
+        "dialguard-collector.dialguard.svc.cluster.local:50051",
+    ];
+    vec![
+        (
+            "envoyfilter-manager.yaml",
+            [&["--namespace", "manager"][..], &collector, &common()].concat(),
+        ),
+        (
+            "envoyfilter-selected-workloads.yaml",
+            [
+                &[
+                    "--namespace",
+                    "manager",
+                    "--namespace",
+                    "app",
+                    "--selector",
+                    "app=manager",
+                ][..],
+                &collector,
+                &common(),
+            ]
+            .concat(),
+        ),
+        (
+            "wasmplugin-manager.yaml",
+            [
+                &["--namespace", "manager", "--wasm-plugin"][..],
+                &collector,
+                &common(),
+            ]
+            .concat(),
+        ),
+        (
+            "with-collector.yaml",
+            [
+                &[
+                    "--namespace",
+                    "manager",
+                    "--with-collector",
+                    "--collector-image",
+                    "registry.example.com/dialguard:0.1.0",
+                ][..],
+                &common(),
+            ]
+            .concat(),
+        ),
+        (
+            "uninstall-manager.yaml",
+            [
+                &["--namespace", "manager", "--uninstall"][..],
+                &collector,
+                &common(),
+            ]
+            .concat(),
+        ),
+    ]
+}
+
+#[test]
+fn shipped_examples_are_what_the_commands_print() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../envoyfilter/examples");
+    let update = std::env::var_os("UPDATE_EXAMPLES").is_some();
+    for (file, args) in examples() {
+        let output = rollout(&args);
+        assert!(
+            output.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let path = dir.join(file);
+        if update {
+            std::fs::write(&path, &output.stdout).expect("write example");
+            continue;
+        }
+        let shipped = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            shipped == output.stdout,
+            "{} is stale: run `UPDATE_EXAMPLES=1 cargo test -p dialguard-collector --test rollout_cli`",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn json_output_is_a_kubernetes_list() {
+    let mut args = vec![
+        "--namespace",
+        "manager",
+        "--collector",
+        "c.dialguard:50051",
+        "--output",
+        "json",
+    ];
+    args.extend(common());
+    let output = rollout(&args);
+    assert!(output.status.success());
+    let list: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(list["kind"], "List");
+    assert_eq!(list["items"][0]["kind"], "EnvoyFilter");
+}
+
+#[test]
+fn bad_flags_print_an_error_and_nothing_else() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "--namespace",
+                "manager",
+                "--collector",
+                "c:50051",
+                "--service-cidr",
+                "10.96.0.0/33",
+            ],
+            "--service-cidr \"10.96.0.0/33\"",
+        ),
+        (
+            &["--namespace", "manager", "--collector", "c"],
+            "--collector \"c\"",
+        ),
+        (&["--namespace", "", "--collector", "c:1"], "--namespace"),
+        (&["--collector", "c:1"], "--namespace"),
+        (
+            &["--namespace", "manager"],
+            "--collector HOST:PORT is required",
+        ),
+        (
+            &["--namespace", "manager", "--with-collector"],
+            "--collector-image",
+        ),
+    ];
+    for (flags, expected) in cases {
+        let mut args: Vec<&str> = flags.to_vec();
+        args.extend(common());
+        let output = rollout(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{flags:?} succeeded");
+        assert!(
+            output.stdout.is_empty(),
+            "{flags:?} printed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        assert!(stderr.contains(expected), "{flags:?}: {stderr}");
+    }
+    let mut bad_sha = vec!["--namespace", "manager", "--collector", "c:1"];
+    bad_sha.extend(common());
+    let at = bad_sha.iter().position(|a| *a == SHA).expect("sha");
+    bad_sha[at] = "xyz";
+    let output = rollout(&bad_sha);
+    assert!(!output.status.success() && output.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--module-sha256 \"xyz\""));
+}

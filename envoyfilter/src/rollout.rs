@@ -1,0 +1,503 @@
+//! `dialguard rollout`: the Istio resources that install dialguard in the
+//! sidecars of selected namespaces, rendered from command-line flags.
+//!
+//! Per namespace an `EnvoyFilter` inserts the wasm network filter before
+//! `envoy.filters.network.tcp_proxy` in every `SIDECAR_OUTBOUND` filter chain
+//! and adds the clusters the filter needs (the collector, over HTTP/2, and the
+//! module's download), so events reach the collector even when a Sidecar
+//! resource hides its Service. A `WasmPlugin` variant exists for Istio 1.20
+//! and later. Every flag is validated before anything is rendered; an error
+//! names the flag, the value and what was expected.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use dialguard_filter_core::{Cidr, FilterConfig};
+use serde_json::{Value, json};
+
+use crate::{ModuleSource, collector_cluster, module_cluster, network_filter};
+
+/// The Envoy cluster the filter streams events through.
+pub const COLLECTOR_CLUSTER: &str = "dialguard_collector";
+/// The Envoy cluster Envoy downloads the module through.
+pub const MODULE_CLUSTER: &str = "dialguard_module";
+/// Name of the rendered resources in each namespace.
+pub const RESOURCE_NAME: &str = "dialguard";
+const COLLECTOR_GRPC_PORT: u16 = 50051;
+const COLLECTOR_HTTP_PORT: u16 = 8080;
+
+/// The flags, as given. [`render`] validates them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutArgs {
+    pub namespaces: Vec<String>,
+    /// `key=value` pairs for `workloadSelector`.
+    pub selectors: Vec<String>,
+    pub mode: String,
+    /// `HOST:PORT` of the collector's gRPC listener.
+    pub collector: String,
+    pub module_url: String,
+    pub module_sha256: String,
+    pub service_cidrs: Vec<String>,
+    pub pod_cidrs: Vec<String>,
+    /// EnvoyFilter `priority`: patches apply in ascending order.
+    pub priority: i32,
+    /// Render a `WasmPlugin` for the filter instead of the filter patch.
+    pub wasm_plugin: bool,
+    /// Also render the collector's Deployment, Service and PVC.
+    pub collector_manifests: Option<CollectorManifests>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectorManifests {
+    pub namespace: String,
+    pub image: String,
+    /// PVC size, e.g. `1Gi`.
+    pub storage: String,
+}
+
+impl Default for RolloutArgs {
+    fn default() -> Self {
+        Self {
+            namespaces: Vec::new(),
+            selectors: Vec::new(),
+            mode: "audit".into(),
+            collector: String::new(),
+            module_url: String::new(),
+            module_sha256: String::new(),
+            service_cidrs: Vec::new(),
+            pod_cidrs: Vec::new(),
+            priority: 10,
+            wasm_plugin: false,
+            collector_manifests: None,
+        }
+    }
+}
+
+/// A flag whose value cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{flag} {value:?}: {expected}")]
+pub struct RolloutError {
+    pub flag: &'static str,
+    pub value: String,
+    pub expected: String,
+}
+
+fn invalid(flag: &'static str, value: &str, expected: impl Into<String>) -> RolloutError {
+    RolloutError {
+        flag,
+        value: value.to_owned(),
+        expected: expected.into(),
+    }
+}
+
+/// Flags after validation.
+#[derive(Debug)]
+struct Plan {
+    namespaces: Vec<String>,
+    selector: BTreeMap<String, String>,
+    collector_host: String,
+    collector_port: u16,
+    module_url: String,
+    module_host: String,
+    module_port: u16,
+    module_tls: bool,
+    module_sha256: String,
+    filter_config: Value,
+    priority: i32,
+    wasm_plugin: bool,
+    collector_manifests: Option<CollectorManifests>,
+}
+
+/// A DNS-1123 label, as Kubernetes requires of namespace names.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A label value (or the name part of a key): up to 63 alphanumerics, `-`, `_`, `.`.
+fn is_label_value(s: &str) -> bool {
+    s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
+        && s.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
+}
+
+fn is_label_key(s: &str) -> bool {
+    let (prefix, name) = match s.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, s),
+    };
+    !name.is_empty()
+        && is_label_value(name)
+        && prefix.is_none_or(|p| !p.is_empty() && p.len() <= 253 && p.split('.').all(is_dns_label))
+}
+
+fn is_host(s: &str) -> bool {
+    s.parse::<IpAddr>().is_ok() || (s.len() <= 253 && s.split('.').all(is_dns_label))
+}
+
+/// `HOST:PORT`, with IPv6 hosts in brackets.
+fn parse_host_port(flag: &'static str, value: &str) -> Result<(String, u16), RolloutError> {
+    let expected = "expected HOST:PORT, e.g. dialguard-collector.dialguard.svc.cluster.local:50051";
+    let (host, port) = value
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(flag, value, expected))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| invalid(flag, value, expected))?;
+    if !is_host(host) {
+        return Err(invalid(flag, value, expected));
+    }
+    Ok((host.to_owned(), port))
+}
+
+fn plan(args: &RolloutArgs) -> Result<Plan, RolloutError> {
+    if args.namespaces.is_empty() {
+        return Err(invalid(
+            "--namespace",
+            "",
+            "expected at least one namespace to roll out to",
+        ));
+    }
+    let mut namespaces = Vec::new();
+    for ns in &args.namespaces {
+        if !is_dns_label(ns) {
+            return Err(invalid(
+                "--namespace",
+                ns,
+                "expected a Kubernetes namespace name (lower-case letters, digits and '-', at most 63)",
+            ));
+        }
+        if !namespaces.contains(ns) {
+            namespaces.push(ns.clone());
+        }
+    }
+    let mut selector = BTreeMap::new();
+    for pair in &args.selectors {
+        let expected = "expected key=value with a Kubernetes label key and value, e.g. app=manager";
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| invalid("--selector", pair, expected))?;
+        if !is_label_key(key) || !is_label_value(value) {
+            return Err(invalid("--selector", pair, expected));
+        }
+        selector.insert(key.to_owned(), value.to_owned());
+    }
+    if args.mode != "audit" {
+        return Err(invalid(
+            "--mode",
+            &args.mode,
+            "expected audit (this filter version has no enforce mode yet)",
+        ));
+    }
+    let (collector_host, collector_port) = parse_host_port("--collector", &args.collector)?;
+
+    let url_expected = "expected an http:// or https:// URL of the module, e.g. http://dialguard-collector.dialguard:8080/module/dialguard_filter.wasm";
+    let url = url::Url::parse(&args.module_url)
+        .map_err(|_| invalid("--module-url", &args.module_url, url_expected))?;
+    let module_tls = match url.scheme() {
+        "http" => false,
+        "https" => true,
+        _ => return Err(invalid("--module-url", &args.module_url, url_expected)),
+    };
+    let module_host = url
+        .host_str()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+        .filter(|h| is_host(h))
+        .ok_or_else(|| invalid("--module-url", &args.module_url, url_expected))?;
+    let module_port = url
+        .port_or_known_default()
+        .ok_or_else(|| invalid("--module-url", &args.module_url, url_expected))?;
+
+    let sha = args.module_sha256.to_ascii_lowercase();
+    if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(invalid(
+            "--module-sha256",
+            &args.module_sha256,
+            "expected the module's SHA-256 as 64 hexadecimal digits (`dialguard serve --module` prints it)",
+        ));
+    }
+    for (flag, cidrs) in [
+        ("--service-cidr", &args.service_cidrs),
+        ("--pod-cidr", &args.pod_cidrs),
+    ] {
+        for cidr in cidrs {
+            cidr.parse::<Cidr>()
+                .map_err(|expected| invalid(flag, cidr, expected))?;
+        }
+    }
+    let mut filter_config = json!({
+        "mode": args.mode,
+        "collector": { "cluster": COLLECTOR_CLUSTER },
+    });
+    if !args.service_cidrs.is_empty() {
+        filter_config["serviceCidrs"] = json!(args.service_cidrs);
+    }
+    if !args.pod_cidrs.is_empty() {
+        filter_config["podCidrs"] = json!(args.pod_cidrs);
+    }
+    // What we render, the filter must accept: check with the filter's own parser.
+    FilterConfig::from_json(filter_config.to_string().as_bytes())
+        .map_err(|err| invalid("--service-cidr/--pod-cidr", &err.field, err.message))?;
+
+    if let Some(c) = &args.collector_manifests {
+        if !is_dns_label(&c.namespace) {
+            return Err(invalid(
+                "--collector-namespace",
+                &c.namespace,
+                "expected a Kubernetes namespace name",
+            ));
+        }
+        if c.image.trim().is_empty() || c.image.contains(char::is_whitespace) {
+            return Err(invalid(
+                "--collector-image",
+                &c.image,
+                "expected a container image reference, e.g. registry.example.com/dialguard:0.1.0",
+            ));
+        }
+        let digits = c
+            .storage
+            .trim_end_matches(|ch: char| ch.is_ascii_alphabetic());
+        let unit = &c.storage[digits.len()..];
+        if digits.parse::<u64>().map_or(true, |n| n == 0)
+            || !matches!(unit, "Mi" | "Gi" | "Ti" | "M" | "G" | "T")
+        {
+            return Err(invalid(
+                "--collector-storage",
+                &c.storage,
+                "expected a Kubernetes quantity such as 1Gi",
+            ));
+        }
+    }
+    Ok(Plan {
+        namespaces,
+        selector,
+        collector_host,
+        collector_port,
+        module_url: args.module_url.clone(),
+        module_host,
+        module_port,
+        module_tls,
+        module_sha256: sha,
+        filter_config,
+        priority: args.priority,
+        wasm_plugin: args.wasm_plugin,
+        collector_manifests: args.collector_manifests.clone(),
+    })
+}
+
+fn labels(component: &str) -> Value {
+    json!({
+        "app.kubernetes.io/name": "dialguard",
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "dialguard-rollout",
+    })
+}
+
+fn metadata(name: &str, namespace: &str, component: &str) -> Value {
+    json!({ "name": name, "namespace": namespace, "labels": labels(component) })
+}
+
+impl Plan {
+    /// The network filter exactly as it goes into each outbound filter chain.
+    fn filter(&self) -> Value {
+        network_filter(
+            &self.filter_config,
+            &ModuleSource::Remote {
+                uri: self.module_url.clone(),
+                cluster: MODULE_CLUSTER.into(),
+                sha256: self.module_sha256.clone(),
+            },
+        )
+    }
+
+    fn add_cluster(value: Value) -> Value {
+        json!({
+            "applyTo": "CLUSTER",
+            "match": { "context": "SIDECAR_OUTBOUND" },
+            "patch": { "operation": "ADD", "value": value },
+        })
+    }
+
+    fn envoy_filter(&self, namespace: &str, name: &str, patches: Vec<Value>) -> Value {
+        let mut spec = json!({ "priority": self.priority, "configPatches": patches });
+        if !self.selector.is_empty() {
+            spec["workloadSelector"] = json!({ "labels": self.selector });
+        }
+        json!({
+            "apiVersion": "networking.istio.io/v1alpha3",
+            "kind": "EnvoyFilter",
+            "metadata": metadata(name, namespace, "sidecar-filter"),
+            "spec": spec,
+        })
+    }
+
+    fn collector_cluster_patch(&self) -> Value {
+        Self::add_cluster(collector_cluster(
+            COLLECTOR_CLUSTER,
+            &self.collector_host,
+            self.collector_port,
+        ))
+    }
+
+    fn for_namespace(&self, namespace: &str) -> Vec<Value> {
+        if self.wasm_plugin {
+            let mut spec = json!({
+                "url": self.module_url,
+                "sha256": self.module_sha256,
+                "type": "NETWORK",
+                "failStrategy": "FAIL_OPEN",
+                "pluginName": crate::FILTER_NAME,
+                "pluginConfig": self.filter_config,
+                "match": [{ "mode": "CLIENT" }],
+            });
+            if !self.selector.is_empty() {
+                spec["selector"] = json!({ "matchLabels": self.selector });
+            }
+            let plugin = json!({
+                "apiVersion": "extensions.istio.io/v1alpha1",
+                "kind": "WasmPlugin",
+                "metadata": metadata(RESOURCE_NAME, namespace, "sidecar-filter"),
+                "spec": spec,
+            });
+            let clusters = self.envoy_filter(
+                namespace,
+                &format!("{RESOURCE_NAME}-collector"),
+                vec![self.collector_cluster_patch()],
+            );
+            return vec![plugin, clusters];
+        }
+        let insert_filter = json!({
+            "applyTo": "NETWORK_FILTER",
+            "match": {
+                "context": "SIDECAR_OUTBOUND",
+                "listener": { "filterChain": { "filter": { "name": "envoy.filters.network.tcp_proxy" } } },
+            },
+            "patch": { "operation": "INSERT_BEFORE", "value": self.filter() },
+        });
+        let module = Self::add_cluster(module_cluster(
+            MODULE_CLUSTER,
+            &self.module_host,
+            self.module_port,
+            self.module_tls,
+        ));
+        vec![self.envoy_filter(
+            namespace,
+            RESOURCE_NAME,
+            vec![insert_filter, self.collector_cluster_patch(), module],
+        )]
+    }
+
+    fn collector_objects(&self, c: &CollectorManifests) -> Vec<Value> {
+        let name = "dialguard-collector";
+        let ns = c.namespace.as_str();
+        let selector = json!({ "app.kubernetes.io/name": "dialguard", "app.kubernetes.io/component": "collector" });
+        vec![
+            json!({
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": metadata(&format!("{name}-db"), ns, "collector"),
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": { "requests": { "storage": c.storage } },
+                },
+            }),
+            json!({
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": metadata(name, ns, "collector"),
+                "spec": {
+                    // One writer per SQLite file: never two pods at once.
+                    "replicas": 1,
+                    "strategy": { "type": "Recreate" },
+                    "selector": { "matchLabels": selector },
+                    "template": {
+                        "metadata": {
+                            "labels": labels("collector"),
+                            // The collector's own traffic needs no sidecar.
+                            "annotations": { "sidecar.istio.io/inject": "false" },
+                        },
+                        "spec": {
+                            "containers": [{
+                                "name": "collector",
+                                "image": c.image,
+                                "args": [
+                                    "serve",
+                                    "--grpc", format!("0.0.0.0:{COLLECTOR_GRPC_PORT}"),
+                                    "--http", format!("0.0.0.0:{COLLECTOR_HTTP_PORT}"),
+                                    "--db", "/var/lib/dialguard/dialguard.db",
+                                    "--module", "/opt/dialguard/dialguard_filter.wasm",
+                                ],
+                                "ports": [
+                                    { "name": "grpc-ingest", "containerPort": COLLECTOR_GRPC_PORT },
+                                    { "name": "http-api", "containerPort": COLLECTOR_HTTP_PORT },
+                                ],
+                                "readinessProbe": { "httpGet": { "path": "/healthz", "port": COLLECTOR_HTTP_PORT } },
+                                "volumeMounts": [{ "name": "db", "mountPath": "/var/lib/dialguard" }],
+                            }],
+                            "volumes": [{ "name": "db", "persistentVolumeClaim": { "claimName": format!("{name}-db") } }],
+                        },
+                    },
+                },
+            }),
+            json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": metadata(name, ns, "collector"),
+                "spec": {
+                    "selector": selector,
+                    "ports": [
+                        { "name": "grpc-ingest", "port": COLLECTOR_GRPC_PORT, "targetPort": COLLECTOR_GRPC_PORT, "appProtocol": "grpc" },
+                        { "name": "http-api", "port": COLLECTOR_HTTP_PORT, "targetPort": COLLECTOR_HTTP_PORT, "appProtocol": "http" },
+                    ],
+                },
+            }),
+        ]
+    }
+}
+
+/// Every resource that installs dialguard, in apply order.
+pub fn render(args: &RolloutArgs) -> Result<Vec<Value>, RolloutError> {
+    let plan = plan(args)?;
+    let mut objects = Vec::new();
+    if let Some(c) = &plan.collector_manifests {
+        objects.extend(plan.collector_objects(c));
+    }
+    for ns in &plan.namespaces {
+        objects.extend(plan.for_namespace(ns));
+    }
+    Ok(objects)
+}
+
+/// What removes it: the same resources, identified only (`kubectl delete -f -`).
+/// The collector's database volume is left out: deleting the audit record
+/// takes a deliberate `kubectl delete pvc`.
+pub fn uninstall(args: &RolloutArgs) -> Result<Vec<Value>, RolloutError> {
+    Ok(render(args)?
+        .into_iter()
+        .filter(|o| o["kind"] != "PersistentVolumeClaim")
+        .map(|o| {
+            json!({
+                "apiVersion": o["apiVersion"],
+                "kind": o["kind"],
+                "metadata": { "name": o["metadata"]["name"], "namespace": o["metadata"]["namespace"] },
+            })
+        })
+        .collect())
+}
+
+/// The collector address that `--with-collector` deploys, for `--collector`.
+pub fn in_cluster_collector(namespace: &str) -> String {
+    format!("dialguard-collector.{namespace}.svc.cluster.local:{COLLECTOR_GRPC_PORT}")
+}
