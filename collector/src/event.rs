@@ -65,7 +65,7 @@ impl ValidEvent {
             Ok(Verdict::Unspecified) | Err(_) => {
                 return Err(fail(
                     "verdict",
-                    format!("expected a known verdict (1 to 6), got {}", raw.verdict),
+                    format!("expected a known verdict (1 to 7), got {}", raw.verdict),
                 ));
             }
             Ok(verdict) => verdict,

@@ -60,6 +60,8 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (source_workload, source_namespace, original_destination,
                      upstream_host, cluster, verdict)
      ) WITHOUT ROWID;",
+    // 2: the upstream host's istio.workload.
+    "ALTER TABLE events ADD COLUMN upstream_workload TEXT NOT NULL DEFAULT '';",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -255,8 +257,9 @@ fn commit_group<'a>(
         let mut insert_event = tx.prepare_cached(
             "INSERT OR IGNORE INTO events (sidecar_id, sequence, timestamp_ns,
                 original_destination, upstream_host, source, connection_id, cluster,
-                filter_chain, verdict, response_flags, failure_reason, intended_service)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                filter_chain, verdict, response_flags, failure_reason, intended_service,
+                upstream_workload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         )?;
         let mut upsert_aggregate = tx.prepare_cached(
             "INSERT INTO aggregates (source_workload, source_namespace, original_destination,
@@ -306,6 +309,7 @@ fn commit_group<'a>(
                     as_sql_int(raw.response_flags),
                     raw.upstream_transport_failure_reason,
                     raw.intended_service,
+                    raw.upstream_workload,
                 ])?;
                 if inserted == 0 {
                     continue; // a resend of an event stored before

@@ -141,6 +141,7 @@ fn event(sequence: u64, verdict: Verdict, dest: &str, upstream: Option<&str>) ->
         response_flags: 0,
         upstream_transport_failure_reason: String::new(),
         intended_service: "ratings.bookinfo.svc.cluster.local".into(),
+        upstream_workload: "ratings-v1;bookinfo;ratings;v1;Kubernetes".into(),
     }
 }
 

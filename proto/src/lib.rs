@@ -31,6 +31,7 @@ impl v1::Verdict {
             Self::Misrouted => "misrouted",
             Self::Blackholed => "blackholed",
             Self::Redirected => "redirected",
+            Self::Resolved => "resolved",
         }
     }
 }

@@ -27,8 +27,9 @@ pub struct FilterConfig {
     /// The default is kubeadm's service range.
     #[serde(default = "default_service_cidrs")]
     pub service_cidrs: Vec<Cidr>,
-    /// Pod ranges. Accepted now so configurations can carry them; the
-    /// lower-severity verdict for destinations outside both ranges builds on it.
+    /// Pod ranges. When set, a destination outside both these and the Service
+    /// ranges that reached another address is `REDIRECTED` (lower severity),
+    /// not `MISROUTED`.
     #[serde(default)]
     pub pod_cidrs: Vec<Cidr>,
     /// Differences the operator declares legitimate.
@@ -234,6 +235,14 @@ impl FilterConfig {
     /// True when the address is a Service VIP.
     pub fn is_service_vip(&self, ip: IpAddr) -> bool {
         self.service_cidrs.iter().any(|c| c.contains(ip))
+    }
+
+    /// True when `podCidrs` is set and the address lies outside both the
+    /// Service and the pod ranges (typically an external host).
+    pub fn is_outside_pods(&self, ip: IpAddr) -> bool {
+        !self.pod_cidrs.is_empty()
+            && !self.pod_cidrs.iter().any(|c| c.contains(ip))
+            && !self.is_service_vip(ip)
     }
 
     /// True when some allow rule reads the cluster name (so it must be fetched).

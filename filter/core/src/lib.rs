@@ -14,12 +14,14 @@ mod addr;
 mod config;
 mod identity;
 mod outbox;
+mod upstreams;
 mod verdict;
 
 pub use addr::{AddrParseError, OrigDst, UpstreamHost, parse_envoy_address};
 pub use config::{AllowRule, Cidr, CollectorConfig, ConfigError, FilterConfig, Mode};
 pub use identity::{NodeFacts, hello};
 pub use outbox::{Outbox, OutboxLimits};
+pub use upstreams::UpstreamMemory;
 pub use verdict::{ConnectionFacts, Judgement, judge};
 
 pub use dialguard_proto::v1::Verdict;

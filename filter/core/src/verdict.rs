@@ -3,7 +3,7 @@
 
 use dialguard_proto::v1::{ConnectionEvent, SocketAddress, Verdict};
 
-use crate::{FilterConfig, OrigDst, UpstreamHost};
+use crate::{FilterConfig, OrigDst, UpstreamHost, UpstreamMemory};
 
 /// What the filter can learn about a finished connection. Implemented with
 /// Envoy property reads in the wasm crate and with plain values in tests;
@@ -24,6 +24,8 @@ pub trait ConnectionFacts {
     fn upstream_transport_failure_reason(&mut self) -> Option<String>;
     /// Cluster metadata `istio.services[0].host`.
     fn intended_service(&mut self) -> Option<String>;
+    /// Upstream host metadata `istio.workload`.
+    fn upstream_workload(&mut self) -> Option<String>;
 }
 
 /// The outcome for one connection, with what was read to reach it.
@@ -39,7 +41,10 @@ pub struct Judgement {
 impl Judgement {
     /// Whether the collector must hear about this connection.
     pub fn is_reported(&self) -> bool {
-        matches!(self.verdict, Verdict::Misrouted | Verdict::Blackholed)
+        matches!(
+            self.verdict,
+            Verdict::Misrouted | Verdict::Blackholed | Verdict::Redirected
+        )
     }
 
     /// Builds the event for a reported connection, reading the remaining facts.
@@ -72,14 +77,23 @@ impl Judgement {
                 .upstream_transport_failure_reason()
                 .unwrap_or_default(),
             intended_service: facts.intended_service().unwrap_or_default(),
+            upstream_workload: match self.upstream_host {
+                Some(_) => facts.upstream_workload().unwrap_or_default(),
+                None => String::new(),
+            },
         }
     }
 }
 
 /// Judges one finished connection. `None` when the original destination is
 /// unknown (not an IP connection, or a listener without original_dst): there
-/// is nothing to compare.
-pub fn judge(config: &FilterConfig, facts: &mut impl ConnectionFacts) -> Option<Judgement> {
+/// is nothing to compare. `upstreams` is this VM's memory of upstream hosts
+/// per cluster; differing connections teach it.
+pub fn judge(
+    config: &FilterConfig,
+    upstreams: &mut UpstreamMemory,
+    facts: &mut impl ConnectionFacts,
+) -> Option<Judgement> {
     let dst = facts.original_destination()?;
     let mut judgement = Judgement {
         verdict: Verdict::Service,
@@ -87,7 +101,8 @@ pub fn judge(config: &FilterConfig, facts: &mut impl ConnectionFacts) -> Option<
         upstream_host: None,
         cluster_name: None,
     };
-    // Cheapest decisions first: a VIP needs one read, a match two.
+    // Cheapest decisions first: a VIP needs one read, a match two; only
+    // connections that differ pay for more.
     if config.is_service_vip(dst.ip()) {
         return Some(judgement);
     }
@@ -96,19 +111,26 @@ pub fn judge(config: &FilterConfig, facts: &mut impl ConnectionFacts) -> Option<
         judgement.verdict = Verdict::Match;
         return Some(judgement);
     }
-    if !config.allow.is_empty() {
-        if config.allow_needs_cluster() {
-            judgement.cluster_name = facts.cluster_name();
-        }
-        let cluster = judgement.cluster_name.as_deref();
-        if config.allow.iter().any(|rule| rule.matches(dst, cluster)) {
-            judgement.verdict = Verdict::Allowed;
-            return Some(judgement);
-        }
+    if config.allow_needs_cluster() || judgement.upstream_host.is_some() {
+        judgement.cluster_name = facts.cluster_name();
     }
-    judgement.verdict = match judgement.upstream_host {
-        None => Verdict::Blackholed,
-        Some(_) => Verdict::Misrouted,
+    let cluster = judgement.cluster_name.as_deref();
+    if config.allow.iter().any(|rule| rule.matches(dst, cluster)) {
+        judgement.verdict = Verdict::Allowed;
+        return Some(judgement);
+    }
+    let Some(upstream) = judgement.upstream_host else {
+        judgement.verdict = Verdict::Blackholed;
+        return Some(judgement);
+    };
+    let cluster = cluster.unwrap_or_default();
+    upstreams.record(cluster, upstream.0);
+    judgement.verdict = if upstreams.has_seen(cluster, dst.0) {
+        Verdict::Resolved
+    } else if config.is_outside_pods(dst.ip()) {
+        Verdict::Redirected
+    } else {
+        Verdict::Misrouted
     };
     Some(judgement)
 }

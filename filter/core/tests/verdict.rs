@@ -2,7 +2,9 @@
 
 use std::net::SocketAddr;
 
-use dialguard_filter_core::{ConnectionFacts, FilterConfig, OrigDst, UpstreamHost, Verdict, judge};
+use dialguard_filter_core::{
+    ConnectionFacts, FilterConfig, OrigDst, UpstreamHost, UpstreamMemory, Verdict, judge,
+};
 
 /// Plain values, with a log of which facts were read (each read is a hostcall in Envoy).
 #[derive(Default)]
@@ -54,6 +56,14 @@ impl ConnectionFacts for Facts {
         self.reads.push("intended_service");
         Some("app-ext.app.svc.cluster.local".into())
     }
+    fn upstream_workload(&mut self) -> Option<String> {
+        self.reads.push("upstream_workload");
+        Some("idle;manager;idle;latest;Kubernetes".into())
+    }
+}
+
+fn memory() -> UpstreamMemory {
+    UpstreamMemory::new(64)
 }
 
 fn config(extra: &str) -> FilterConfig {
@@ -233,7 +243,7 @@ fn verdict_table() {
             cluster: *cluster,
             ..Facts::default()
         };
-        let verdict = judge(&config(extra), &mut facts).map(|j| j.verdict);
+        let verdict = judge(&config(extra), &mut memory(), &mut facts).map(|j| j.verdict);
         assert_eq!(
             verdict, *expected,
             "dialed {dst}, upstream {upstream:?}, cluster {cluster:?}, config {extra:?}"
@@ -247,7 +257,7 @@ fn unknown_original_destination_is_not_judged() {
         upstream: Some("10.0.1.7:5701"),
         ..Facts::default()
     };
-    assert_eq!(judge(&config(""), &mut facts), None);
+    assert_eq!(judge(&config(""), &mut memory(), &mut facts), None);
     assert_eq!(facts.reads, ["destination"]);
 }
 
@@ -258,7 +268,7 @@ fn reads_only_what_the_decision_needs() {
         dst: Some("10.96.0.10:53"),
         ..Facts::default()
     };
-    judge(&config(ALLOW), &mut vip);
+    judge(&config(ALLOW), &mut memory(), &mut vip);
     assert_eq!(vip.reads, ["destination"]);
     // A match needs the upstream too, and nothing else.
     let mut matched = Facts {
@@ -266,16 +276,141 @@ fn reads_only_what_the_decision_needs() {
         upstream: Some("10.0.1.7:80"),
         ..Facts::default()
     };
-    judge(&config(ALLOW), &mut matched);
+    judge(&config(ALLOW), &mut memory(), &mut matched);
     assert_eq!(matched.reads, ["destination", "upstream"]);
-    // Without cluster rules the cluster is not read to decide.
-    let mut no_rules = Facts {
+    // A difference needs the cluster (for the DNS memory), read once.
+    let mut differs = Facts {
         dst: Some("10.0.1.7:80"),
         upstream: Some("10.0.3.9:80"),
+        cluster: Some("outbound|80||app-ext.app.svc.cluster.local"),
         ..Facts::default()
     };
-    judge(&config(""), &mut no_rules);
-    assert_eq!(no_rules.reads, ["destination", "upstream"]);
+    let judgement = judge(&config(""), &mut memory(), &mut differs).expect("judged");
+    assert_eq!(differs.reads, ["destination", "upstream", "cluster"]);
+    judgement.to_event(&mut differs, 1, 0);
+    assert_eq!(differs.reads.iter().filter(|r| **r == "cluster").count(), 1);
+    // No upstream and no cluster rule: the cluster is left for the report.
+    let mut blackholed = Facts {
+        dst: Some("10.0.1.7:80"),
+        ..Facts::default()
+    };
+    judge(&config(""), &mut memory(), &mut blackholed);
+    assert_eq!(blackholed.reads, ["destination", "upstream"]);
+}
+
+const PODS: &str = r#", "podCidrs": ["10.0.0.0/16", "fd00:10::/64"]"#;
+
+#[test]
+fn outside_the_pod_ranges_a_difference_is_redirected() {
+    let cases = [
+        // (podCidrs, dialed, upstream, verdict)
+        (PODS, "10.0.1.7:5701", "10.0.3.9:5701", Verdict::Misrouted),
+        (
+            PODS,
+            "203.0.113.10:443",
+            "203.0.113.11:443",
+            Verdict::Redirected,
+        ),
+        (
+            PODS,
+            "[2001:db8::10]:443",
+            "[2001:db8::11]:443",
+            Verdict::Redirected,
+        ),
+        (
+            PODS,
+            "[fd00:10::7]:5701",
+            "[fd00:10::9]:5701",
+            Verdict::Misrouted,
+        ),
+        (PODS, "10.96.0.10:53", "10.0.0.5:53", Verdict::Service),
+        (
+            "",
+            "203.0.113.10:443",
+            "203.0.113.11:443",
+            Verdict::Misrouted,
+        ),
+    ];
+    for (pods, dst, upstream, expected) in cases {
+        let mut facts = Facts {
+            dst: Some(dst),
+            upstream: Some(upstream),
+            cluster: Some("c"),
+            ..Facts::default()
+        };
+        let judgement = judge(&config(pods), &mut memory(), &mut facts).expect("judged");
+        assert_eq!(judgement.verdict, expected, "{pods} {dst} -> {upstream}");
+    }
+    let mut blackholed = Facts {
+        dst: Some("203.0.113.10:443"),
+        ..Facts::default()
+    };
+    assert_eq!(
+        judge(&config(PODS), &mut memory(), &mut blackholed).map(|j| j.verdict),
+        Some(Verdict::Blackholed)
+    );
+}
+
+#[test]
+fn a_dns_cluster_picking_another_address_of_the_name_is_resolved() {
+    let mut upstreams = memory();
+    let mut connection = |dst, upstream, cluster| {
+        let mut facts = Facts {
+            dst: Some(dst),
+            upstream: Some(upstream),
+            cluster: Some(cluster),
+            ..Facts::default()
+        };
+        judge(&config(PODS), &mut upstreams, &mut facts).map(|j| j.verdict)
+    };
+    let db = "outbound|5432||db.example.com";
+    // The app resolved db.example.com to .10, Envoy's STRICT_DNS cluster picked .11.
+    assert_eq!(
+        connection("203.0.113.10:5432", "203.0.113.11:5432", db),
+        Some(Verdict::Redirected)
+    );
+    // Once .10 has been an upstream host of that cluster, dialing it and landing on .11 is DNS.
+    assert_eq!(
+        connection("203.0.113.11:5432", "203.0.113.10:5432", db),
+        Some(Verdict::Resolved)
+    );
+    assert_eq!(
+        connection("203.0.113.10:5432", "203.0.113.11:5432", db),
+        Some(Verdict::Resolved)
+    );
+    // Another cluster, another port, or an address never seen: not resolved.
+    assert_eq!(
+        connection(
+            "203.0.113.10:5432",
+            "203.0.113.12:5432",
+            "outbound|5432||other.example.com"
+        ),
+        Some(Verdict::Redirected)
+    );
+    assert_eq!(
+        connection("203.0.113.10:5433", "203.0.113.11:5433", db),
+        Some(Verdict::Redirected)
+    );
+    // The incident is never masked: the peer pod is not an upstream of app-ext.
+    let app_ext = "outbound|5701||app-ext.app.svc.cluster.local";
+    for _ in 0..3 {
+        assert_eq!(
+            connection("10.0.1.7:5701", "10.0.3.9:5701", app_ext),
+            Some(Verdict::Misrouted)
+        );
+    }
+}
+
+#[test]
+fn upstream_memory_is_bounded() {
+    let mut upstreams = UpstreamMemory::new(3);
+    for i in 1..=5u8 {
+        upstreams.record("c", SocketAddr::from(([10, 0, 0, i], 80)));
+    }
+    assert_eq!(upstreams.len(), 3);
+    assert!(!upstreams.has_seen("c", SocketAddr::from(([10, 0, 0, 1], 80))));
+    assert!(upstreams.has_seen("c", SocketAddr::from(([10, 0, 0, 5], 80))));
+    assert!(!upstreams.has_seen("d", SocketAddr::from(([10, 0, 0, 5], 80))));
 }
 
 #[test]
@@ -286,7 +421,7 @@ fn reported_event_carries_both_sides_and_the_details() {
         cluster: Some("outbound|5701||app-ext.app.svc.cluster.local"),
         ..Facts::default()
     };
-    let judgement = judge(&config(""), &mut facts).expect("judged");
+    let judgement = judge(&config(""), &mut memory(), &mut facts).expect("judged");
     assert!(judgement.is_reported());
     let event = judgement.to_event(&mut facts, 7, 1_700_000_000_000_000_000);
     assert_eq!(event.sequence, 7);
@@ -306,6 +441,10 @@ fn reported_event_carries_both_sides_and_the_details() {
     assert_eq!(event.connection_id, 42);
     assert_eq!(event.intended_service, "app-ext.app.svc.cluster.local");
     assert_eq!(event.source.as_ref().expect("source").ip, "10.0.1.6");
+    assert_eq!(
+        event.upstream_workload,
+        "idle;manager;idle;latest;Kubernetes"
+    );
 }
 
 #[test]
@@ -321,7 +460,7 @@ fn only_misrouted_and_blackholed_are_reported() {
             ..Facts::default()
         };
         assert_eq!(
-            judge(&config(""), &mut facts)
+            judge(&config(""), &mut memory(), &mut facts)
                 .expect("judged")
                 .is_reported(),
             reported
@@ -332,5 +471,9 @@ fn only_misrouted_and_blackholed_are_reported() {
         upstream: Some("10.0.0.5:6443"),
         ..Facts::default()
     };
-    assert!(!judge(&config(""), &mut vip).expect("judged").is_reported());
+    assert!(
+        !judge(&config(""), &mut memory(), &mut vip)
+            .expect("judged")
+            .is_reported()
+    );
 }

@@ -27,7 +27,10 @@ impl StreamContext for ConnectionFilter {
     fn on_log(&mut self) {
         let Some(shared) = &self.shared else { return };
         let mut facts = EnvoyConnection;
-        let Some(judgement) = judge(&shared.config, &mut facts) else {
+        let Ok(mut upstreams) = shared.upstreams.try_borrow_mut() else {
+            return;
+        };
+        let Some(judgement) = judge(&shared.config, &mut upstreams, &mut facts) else {
             metrics::add(shared.metrics.unjudged, 1);
             return;
         };

@@ -66,6 +66,15 @@ impl ConnectionFacts for EnvoyConnection {
             "host",
         ])
     }
+    fn upstream_workload(&mut self) -> Option<String> {
+        string_property(&[
+            "xds",
+            "upstream_host_metadata",
+            "filter_metadata",
+            "istio",
+            "workload",
+        ])
+    }
 }
 
 /// The Envoy node this VM runs in.

@@ -4,13 +4,14 @@ use dialguard_filter_core::Verdict;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
-const VERDICTS: [Verdict; 6] = [
+const VERDICTS: [Verdict; 7] = [
     Verdict::Match,
     Verdict::Service,
     Verdict::Allowed,
     Verdict::Misrouted,
     Verdict::Blackholed,
     Verdict::Redirected,
+    Verdict::Resolved,
 ];
 
 /// Counter ids; `None` where Envoy refused to define one (counting is then skipped).

@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use dialguard_filter_core::{FilterConfig, Outbox, OutboxLimits, hello};
+use dialguard_filter_core::{FilterConfig, Outbox, OutboxLimits, UpstreamMemory, hello};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, RootContext, StreamContext};
 use proxy_wasm::types::{BufferType, ContextType};
@@ -20,8 +20,12 @@ use crate::metrics::Metrics;
 pub struct Shared {
     pub config: FilterConfig,
     pub outbox: RefCell<Outbox>,
+    pub upstreams: RefCell<UpstreamMemory>,
     pub metrics: Metrics,
 }
+
+/// (cluster, upstream host) pairs each VM remembers: about 40 bytes each.
+const UPSTREAM_MEMORY_ENTRIES: usize = 4096;
 
 #[derive(Debug, Default)]
 pub struct FilterRoot {
@@ -64,6 +68,7 @@ impl RootContext for FilterRoot {
         self.shared = Some(Rc::new(Shared {
             config,
             outbox,
+            upstreams: RefCell::new(UpstreamMemory::new(UPSTREAM_MEMORY_ENTRIES)),
             metrics: Metrics::define(),
         }));
         true
