@@ -9,12 +9,12 @@ use dialguard_proto::v1::{
     CollectorMessage, Hello, SidecarMessage, collector_message, sidecar_message,
 };
 use prost::Message;
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::BufferType;
 
+use dialguard_filter_core::Outbox;
+
+use crate::abi::{self, Buffer, LogLevel};
 use crate::host::now_unix_nanos;
-use crate::metrics;
-use crate::root::Shared;
+use crate::metrics::{self, Metrics};
 
 const SERVICE: &str = "dialguard.v1.Collector";
 const METHOD: &str = "Report";
@@ -46,10 +46,7 @@ impl Delivery {
     }
 
     /// Sends every batch not yet sent on the current stream.
-    pub fn flush(&mut self, shared: &Shared) {
-        let Ok(mut outbox) = shared.outbox.try_borrow_mut() else {
-            return;
-        };
+    pub fn flush(&mut self, outbox: &mut Outbox, metrics: &Metrics) {
         if !outbox.has_unsent() {
             return;
         }
@@ -58,7 +55,7 @@ impl Delivery {
             None if now_unix_nanos() < self.retry_at_nanos => return,
             None => match self.open() {
                 Some(token) => token,
-                None => return self.failed(shared),
+                None => return self.failed(metrics),
             },
         };
         while let Some(batch) = outbox.take_batch() {
@@ -66,39 +63,31 @@ impl Delivery {
             let message = SidecarMessage {
                 kind: Some(sidecar_message::Kind::Batch(batch)),
             };
-            if hostcalls::send_grpc_stream_message(token, Some(&message.encode_to_vec()), false)
-                .is_err()
-            {
-                let _ = hostcalls::cancel_grpc_stream(token);
+            if abi::grpc_send(token, &message.encode_to_vec()).is_err() {
+                let _ = abi::grpc_cancel(token);
                 self.stream = None;
                 outbox.rewind();
-                return self.failed(shared);
+                return self.failed(metrics);
             }
-            metrics::add(shared.metrics.events_sent, count);
+            metrics::add(metrics.events_sent, count);
         }
     }
 
     fn open(&mut self) -> Option<u32> {
-        let token = hostcalls::open_grpc_stream(&self.cluster, SERVICE, METHOD, Vec::new()).ok()?;
-        if hostcalls::send_grpc_stream_message(token, Some(&self.hello), false).is_err() {
-            let _ = hostcalls::cancel_grpc_stream(token);
+        let token = abi::grpc_stream(&self.cluster, SERVICE, METHOD).ok()?;
+        if abi::grpc_send(token, &self.hello).is_err() {
+            let _ = abi::grpc_cancel(token);
             return None;
         }
         self.stream = Some(token);
         Some(token)
     }
 
-    pub fn on_message(&mut self, token: u32, size: usize, shared: &Shared) {
+    pub fn on_message(&mut self, token: u32, size: usize, outbox: &mut Outbox, metrics: &Metrics) {
         if self.stream != Some(token) {
             return;
         }
-        let Some(bytes) = hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, size)
-            .ok()
-            .flatten()
-        else {
-            return;
-        };
-        let Ok(mut outbox) = shared.outbox.try_borrow_mut() else {
+        let Ok(bytes) = abi::buffer(Buffer::GrpcReceive, size) else {
             return;
         };
         match CollectorMessage::decode(bytes.as_slice()) {
@@ -107,34 +96,38 @@ impl Delivery {
             }) => {
                 let before = outbox.len();
                 outbox.acknowledge(ack.through_sequence);
-                metrics::add(shared.metrics.events_acked, (before - outbox.len()) as u64);
+                metrics::add(metrics.events_acked, (before - outbox.len()) as u64);
                 self.consecutive_failures = 0;
             }
             Ok(_) => {}
-            Err(err) => log::warn!("dialguard: undecodable message from the collector: {err}"),
+            Err(err) => abi::log(
+                LogLevel::Warn,
+                &format!("dialguard: undecodable message from the collector: {err}"),
+            ),
         }
     }
 
-    pub fn on_close(&mut self, token: u32, status: u32, shared: &Shared) {
+    pub fn on_close(&mut self, token: u32, status: u32, outbox: &mut Outbox, metrics: &Metrics) {
         if self.stream != Some(token) {
             return;
         }
         self.stream = None;
-        let pending = shared.outbox.try_borrow_mut().map_or(0, |mut outbox| {
-            outbox.rewind();
-            outbox.len()
-        });
-        log::warn!(
-            "dialguard: collector stream on cluster {} closed with gRPC status {status}; {pending} unacknowledged events will be sent again",
-            self.cluster
+        outbox.rewind();
+        abi::log(
+            LogLevel::Warn,
+            &format!(
+                "dialguard: collector stream on cluster {} closed with gRPC status {status}; {} unacknowledged events will be sent again",
+                self.cluster,
+                outbox.len()
+            ),
         );
-        self.failed(shared);
+        self.failed(metrics);
     }
 
     /// Exponential backoff from the flush interval up to 30 s, with jitter
     /// from the clock so a mesh of sidecars does not reconnect in step.
-    fn failed(&mut self, shared: &Shared) {
-        metrics::add(shared.metrics.stream_failures, 1);
+    fn failed(&mut self, metrics: &Metrics) {
+        metrics::add(metrics.stream_failures, 1);
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         let exponent = self.consecutive_failures.min(16);
         let backoff = self

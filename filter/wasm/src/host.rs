@@ -1,28 +1,44 @@
-//! Envoy property reads behind the core's host traits. Each read is a hostcall
-//! (about 12k instructions), so the core asks lazily.
+//! Envoy property reads behind the core's host traits. Each read is a
+//! hostcall that costs thousands of instructions, so the core asks lazily.
+//! Paths are the ABI's form, segments joined by NUL, written out once.
 
 use std::net::SocketAddr;
 
 use dialguard_filter_core::{
     ConnectionFacts, NodeFacts, OrigDst, UpstreamHost, parse_envoy_address,
 };
-use proxy_wasm::hostcalls;
 
-fn property(path: &[&str]) -> Option<Vec<u8>> {
-    hostcalls::get_property(path.to_vec()).ok().flatten()
+use crate::abi;
+
+const DESTINATION: &[u8] = b"destination\0address";
+const UPSTREAM: &[u8] = b"upstream\0address";
+const CLUSTER: &[u8] = b"xds\0cluster_name";
+const SOURCE: &[u8] = b"source\0address";
+const CONNECTION_ID: &[u8] = b"connection\0id";
+const FILTER_CHAIN: &[u8] = b"xds\0filter_chain_name";
+const RESPONSE_FLAGS: &[u8] = b"response\0flags";
+const FAILURE_REASON: &[u8] = b"upstream\0transport_failure_reason";
+const INTENDED_SERVICE: &[u8] =
+    b"xds\0cluster_metadata\0filter_metadata\0istio\0services\x000\0host";
+const UPSTREAM_WORKLOAD: &[u8] = b"xds\0upstream_host_metadata\0filter_metadata\0istio\0workload";
+const NODE_ID: &[u8] = b"xds\0node\0id";
+const NODE_METADATA: &[u8] = b"xds\0node\0metadata\0";
+
+fn property(path: &[u8]) -> Option<Vec<u8>> {
+    abi::property(path).ok().flatten()
 }
 
-fn string_property(path: &[&str]) -> Option<String> {
+fn string_property(path: &[u8]) -> Option<String> {
     property(path).and_then(|bytes| String::from_utf8(bytes).ok())
 }
 
 /// Integers come back as 8 bytes, little-endian.
-fn u64_property(path: &[&str]) -> Option<u64> {
+fn u64_property(path: &[u8]) -> Option<u64> {
     let bytes: [u8; 8] = property(path)?.try_into().ok()?;
     Some(u64::from_le_bytes(bytes))
 }
 
-fn address_property(path: &[&str]) -> Option<SocketAddr> {
+fn address_property(path: &[u8]) -> Option<SocketAddr> {
     parse_envoy_address(&property(path)?).ok()
 }
 
@@ -32,48 +48,34 @@ pub struct EnvoyConnection;
 
 impl ConnectionFacts for EnvoyConnection {
     fn original_destination(&mut self) -> Option<OrigDst> {
-        address_property(&["destination", "address"]).map(OrigDst)
+        address_property(DESTINATION).map(OrigDst)
     }
     fn upstream_host(&mut self) -> Option<UpstreamHost> {
-        address_property(&["upstream", "address"]).map(UpstreamHost)
+        address_property(UPSTREAM).map(UpstreamHost)
     }
     fn cluster_name(&mut self) -> Option<String> {
-        string_property(&["xds", "cluster_name"])
+        string_property(CLUSTER)
     }
     fn source(&mut self) -> Option<SocketAddr> {
-        address_property(&["source", "address"])
+        address_property(SOURCE)
     }
     fn connection_id(&mut self) -> Option<u64> {
-        u64_property(&["connection", "id"])
+        u64_property(CONNECTION_ID)
     }
     fn filter_chain_name(&mut self) -> Option<String> {
-        string_property(&["xds", "filter_chain_name"])
+        string_property(FILTER_CHAIN)
     }
     fn response_flags(&mut self) -> Option<u64> {
-        u64_property(&["response", "flags"])
+        u64_property(RESPONSE_FLAGS)
     }
     fn upstream_transport_failure_reason(&mut self) -> Option<String> {
-        string_property(&["upstream", "transport_failure_reason"])
+        string_property(FAILURE_REASON)
     }
     fn intended_service(&mut self) -> Option<String> {
-        string_property(&[
-            "xds",
-            "cluster_metadata",
-            "filter_metadata",
-            "istio",
-            "services",
-            "0",
-            "host",
-        ])
+        string_property(INTENDED_SERVICE)
     }
     fn upstream_workload(&mut self) -> Option<String> {
-        string_property(&[
-            "xds",
-            "upstream_host_metadata",
-            "filter_metadata",
-            "istio",
-            "workload",
-        ])
+        string_property(UPSTREAM_WORKLOAD)
     }
 }
 
@@ -83,19 +85,16 @@ pub struct EnvoyNode;
 
 impl NodeFacts for EnvoyNode {
     fn node_id(&mut self) -> Option<String> {
-        string_property(&["xds", "node", "id"])
+        string_property(NODE_ID)
     }
     fn metadata(&mut self, key: &str) -> Option<String> {
-        string_property(&["xds", "node", "metadata", key])
+        string_property(&[NODE_METADATA, key.as_bytes()].concat())
     }
 }
 
 /// Nanoseconds since the Unix epoch by Envoy's clock; 0 if unavailable.
 pub fn now_unix_nanos() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    abi::now_unix_nanos().unwrap_or(0)
 }
 
 /// A name for this VM that no other VM of this Envoy (one per worker, plus
@@ -107,13 +106,13 @@ pub fn vm_instance() -> String {
     const KEY: &str = "dialguard.vm_ordinal";
     let mut ordinal = 0u64;
     for _ in 0..64 {
-        let Ok((value, cas)) = hostcalls::get_shared_data(KEY) else {
+        let Ok((value, cas)) = abi::shared_data(KEY) else {
             break;
         };
         let last = value
             .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
             .map_or(0, u64::from_le_bytes);
-        if hostcalls::set_shared_data(KEY, Some(&(last + 1).to_le_bytes()), cas).is_ok() {
+        if abi::set_shared_data(KEY, &(last + 1).to_le_bytes(), cas).is_ok() {
             ordinal = last + 1;
             break;
         }

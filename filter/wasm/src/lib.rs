@@ -1,8 +1,10 @@
 //! `dialguard-filter-wasm`: the proxy-wasm network filter that runs inside
 //! every istio-proxy, before `tcp_proxy`. It is glue only: Envoy callbacks
-//! forward to `dialguard-filter-core`, and [`host`] answers the core's
-//! questions with property reads. Built for `wasm32-unknown-unknown` with the
-//! `wasm-release` profile as `dialguard_filter.wasm`.
+//! ([`exports`]) forward to `dialguard-filter-core`, and [`host`] answers the
+//! core's questions with property reads through [`abi`], a minimal binding of
+//! the proxy-wasm ABI that exports only the callbacks dialguard needs. Built
+//! for `wasm32-unknown-unknown` with the `wasm-release` profile as
+//! `dialguard_filter.wasm`.
 //!
 //! Nothing here may panic: a trap would make Envoy apply the failure policy
 //! to every later connection of the listener.
@@ -13,16 +15,10 @@
     clippy::indexing_slicing
 )]
 
+mod abi;
 mod connection;
 mod delivery;
+mod exports;
 mod host;
 mod metrics;
 mod root;
-
-#[allow(unsafe_code)] // the SDK's entry point is an exported `no_mangle` function
-mod entry {
-    proxy_wasm::main! {{
-        proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-        proxy_wasm::set_root_context(|_| Box::new(crate::root::FilterRoot::default()));
-    }}
-}

@@ -1,8 +1,8 @@
 //! Envoy counters defined by the filter (`dialguard.*` on Envoy's stats).
 
 use dialguard_filter_core::Verdict;
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::MetricType;
+
+use crate::abi;
 
 const VERDICTS: [Verdict; 7] = [
     Verdict::Match,
@@ -26,7 +26,7 @@ pub struct Metrics {
 }
 
 fn counter(name: &str) -> Option<u32> {
-    hostcalls::define_metric(MetricType::Counter, name).ok()
+    abi::define_counter(name).ok()
 }
 
 impl Metrics {
@@ -50,6 +50,6 @@ impl Metrics {
 /// Adds to a counter; a failure to count never affects traffic.
 pub fn add(counter: Option<u32>, n: u64) {
     if let Some(id) = counter {
-        let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        let _ = abi::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
     }
 }

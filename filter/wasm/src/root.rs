@@ -1,91 +1,62 @@
-//! The per-VM root context: configuration, identity, the flush timer and the
-//! collector stream. Connection contexts share its state through [`Shared`].
-
-use std::cell::RefCell;
-use std::rc::Rc;
-use std::time::Duration;
+//! One root context: a filter configuration with its identity, outbox, DNS
+//! memory, counters and collector stream. Connections are judged against
+//! the root they were created under.
 
 use dialguard_filter_core::{FilterConfig, Outbox, OutboxLimits, UpstreamMemory, hello};
-use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, RootContext, StreamContext};
-use proxy_wasm::types::{BufferType, ContextType};
 
-use crate::connection::ConnectionFilter;
+use crate::abi::{self, Buffer, LogLevel};
 use crate::delivery::Delivery;
 use crate::host::{EnvoyNode, vm_instance};
 use crate::metrics::Metrics;
 
-/// State of one VM, shared by its root and connection contexts (a VM is single-threaded).
-#[derive(Debug)]
-pub struct Shared {
-    pub config: FilterConfig,
-    pub outbox: RefCell<Outbox>,
-    pub upstreams: RefCell<UpstreamMemory>,
-    pub metrics: Metrics,
-}
-
-/// (cluster, upstream host) pairs each VM remembers: about 40 bytes each.
+/// (cluster, upstream host) pairs each root remembers: about 40 bytes each.
 const UPSTREAM_MEMORY_ENTRIES: usize = 4096;
 
-#[derive(Debug, Default)]
-pub struct FilterRoot {
-    shared: Option<Rc<Shared>>,
-    delivery: Option<Delivery>,
+/// A configured root. A root whose configuration was refused never becomes one.
+#[derive(Debug)]
+pub struct Root {
+    pub config: FilterConfig,
+    pub outbox: Outbox,
+    pub upstreams: UpstreamMemory,
+    pub metrics: Metrics,
+    pub delivery: Delivery,
 }
 
-impl Context for FilterRoot {
-    fn on_grpc_stream_message(&mut self, token: u32, size: usize) {
-        if let (Some(delivery), Some(shared)) = (&mut self.delivery, &self.shared) {
-            delivery.on_message(token, size, shared);
-        }
-    }
-
-    fn on_grpc_stream_close(&mut self, token: u32, status: u32) {
-        if let (Some(delivery), Some(shared)) = (&mut self.delivery, &self.shared) {
-            delivery.on_close(token, status, shared);
-        }
-    }
-}
-
-impl RootContext for FilterRoot {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+impl Root {
+    /// Reads and checks the plugin configuration; on error logs one line naming
+    /// the field, so Envoy refuses the filter.
+    pub fn configure() -> Option<Self> {
+        let bytes = abi::buffer(Buffer::PluginConfiguration, usize::MAX).unwrap_or_default();
         let config = match FilterConfig::from_json(&bytes) {
             Ok(config) => config,
             Err(err) => {
-                log::error!("{err}");
-                return false;
+                abi::log(LogLevel::Error, &err.to_string());
+                return None;
             }
         };
         let hello = hello(&mut EnvoyNode, vm_instance(), &config);
-        self.delivery = Some(Delivery::new(&config.collector, hello));
-        let _ =
-            hostcalls::set_tick_period(Duration::from_millis(config.collector.flush_interval_ms));
-        let outbox = RefCell::new(Outbox::new(OutboxLimits::from(&config.collector)));
-        self.shared = Some(Rc::new(Shared {
-            config,
-            outbox,
-            upstreams: RefCell::new(UpstreamMemory::new(UPSTREAM_MEMORY_ENTRIES)),
+        let period = u32::try_from(config.collector.flush_interval_ms).unwrap_or(u32::MAX);
+        let _ = abi::set_tick_period_ms(period);
+        Some(Self {
+            outbox: Outbox::new(OutboxLimits::from(&config.collector)),
+            upstreams: UpstreamMemory::new(UPSTREAM_MEMORY_ENTRIES),
             metrics: Metrics::define(),
-        }));
-        true
+            delivery: Delivery::new(&config.collector, hello),
+            config,
+        })
     }
 
-    fn on_tick(&mut self) {
-        if let (Some(delivery), Some(shared)) = (&mut self.delivery, &self.shared) {
-            delivery.flush(shared);
-        }
+    pub fn on_tick(&mut self) {
+        self.delivery.flush(&mut self.outbox, &self.metrics);
     }
 
-    fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
-        // Returning None would make the SDK panic; an unconfigured filter just watches.
-        Some(Box::new(ConnectionFilter::new(self.shared.clone())))
+    pub fn on_grpc_receive(&mut self, token: u32, size: usize) {
+        self.delivery
+            .on_message(token, size, &mut self.outbox, &self.metrics);
     }
 
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::StreamContext)
+    pub fn on_grpc_close(&mut self, token: u32, status: u32) {
+        self.delivery
+            .on_close(token, status, &mut self.outbox, &self.metrics);
     }
 }
