@@ -108,7 +108,11 @@ impl CollectorService {
         let hello = match self.next(&mut inbound).await {
             Ok(Some(sidecar_message::Kind::Hello(hello))) => Arc::new(validate_hello(hello)?),
             Ok(Some(_)) => return Err(IngestError::HelloFirst),
-            Ok(None) | Err(Err(_)) => return Ok(()),
+            Ok(None) => return Ok(()),
+            Err(Err(status)) => {
+                tracing::debug!("stream broken before hello: {status}");
+                return Ok(());
+            }
             Err(Ok(err)) => return Err(err),
         };
         tracing::info!(node = %hello.node_id, vm = %hello.vm_instance, "sidecar connected");

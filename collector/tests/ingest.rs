@@ -773,3 +773,53 @@ async fn shutdown_completes_when_a_sidecar_stops_reading_acks() {
         .expect("the collector task panicked")
         .expect("run returned an error");
 }
+
+/// The binary keeps serving when its stderr is a closed pipe (a log shipper
+/// that went away): logging a connected sidecar must not take its stream down.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_stderr_does_not_break_streams() {
+    use std::io::BufRead;
+    let (_dir, db) = temp_db();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dialguard"))
+        .args([
+            "serve",
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--db",
+        ])
+        .arg(&db)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start dialguard serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut line = String::new();
+    std::io::BufReader::new(stderr)
+        .read_line(&mut line)
+        .expect("the listening line");
+    // The reader is dropped here: the pipe closes.
+    let grpc = line
+        .split("grpc=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("grpc address")
+        .to_owned();
+    let channel = bounded(
+        "connecting",
+        Endpoint::from_shared(format!("http://{grpc}"))
+            .expect("endpoint")
+            .connect(),
+    )
+    .await
+    .expect("connect");
+    let mut client = CollectorClient::new(channel);
+    let mut stream = ReportStream::open(&mut client, "node-a", "vm-1").await;
+    stream.send(misrouted_batch(1..=2)).await;
+    let ack = stream.next_ack().await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(ack.expect("an ack, not a broken stream"), 2);
+}

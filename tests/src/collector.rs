@@ -30,6 +30,23 @@ fn field(line: &str, key: &str) -> Option<SocketAddr> {
     line[start..].split_whitespace().next()?.parse().ok()
 }
 
+/// A free loopback port below Linux's ephemeral range (32768 and up), so that
+/// while a test has killed its collector no other process's port-0 bind can
+/// take the port before the restart.
+fn port_outside_ephemeral_range() -> anyhow::Result<u16> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id();
+    for i in 0..200u32 {
+        let port = 20_000 + (seed.wrapping_add(i.wrapping_mul(7_919)) % 10_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port in 20000..30000 on 127.0.0.1")
+}
+
 impl Collector {
     /// `dialguard serve` on port 0; with `module`, also `--module` (its
     /// SHA-256, as printed, lands in `module_sha256`).
@@ -39,12 +56,25 @@ impl Collector {
         module: Option<&Path>,
         echo_log: bool,
     ) -> anyhow::Result<Self> {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], port_outside_ephemeral_range()?));
+        Self::start_at(binary, db, grpc, module, echo_log)
+    }
+
+    /// `dialguard serve` with its gRPC listener on `grpc` (port 0: any).
+    pub fn start_at(
+        binary: &Path,
+        db: &Path,
+        grpc: SocketAddr,
+        module: Option<&Path>,
+        echo_log: bool,
+    ) -> anyhow::Result<Self> {
+        let echo_log = echo_log || std::env::var_os("DIALGUARD_TEST_ECHO").is_some();
         let mut command = Command::new(binary);
         command
             .args([
                 "serve",
                 "--grpc",
-                "127.0.0.1:0",
+                &grpc.to_string(),
                 "--http",
                 "127.0.0.1:0",
                 "--db",
@@ -92,6 +122,33 @@ impl Collector {
             module_sha256,
             binary: binary.to_owned(),
         })
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would end it.
+    pub fn kill(&mut self) {
+        let _ = self.process.child_mut().kill();
+        let _ = self.process.child_mut().wait();
+    }
+
+    /// Starts the same binary again on the same gRPC address and database.
+    pub fn restart(&mut self, echo_log: bool) -> anyhow::Result<()> {
+        self.kill();
+        let grpc = self.grpc;
+        // The kernel may hold the port a moment after the kill.
+        let started = crate::wait_for(std::time::Duration::from_secs(10), || {
+            Self::start_at(&self.binary, &self.db, grpc, None, echo_log).ok()
+        });
+        *self = started.context("the collector did not restart on its port")?;
+        Ok(())
+    }
+
+    /// Signals the process (e.g. `STOP`/`CONT` to make it unresponsive and back).
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.process.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} failed");
+        Ok(())
     }
 
     /// `dialguard report --db DB --format json`, parsed.

@@ -47,6 +47,8 @@ impl Incident {
         echo: bool,
         install: impl FnOnce(&Collector) -> anyhow::Result<Install>,
     ) -> anyhow::Result<Self> {
+        // DIALGUARD_TEST_ECHO=1 shows every child's log, for debugging a test.
+        let echo = echo || std::env::var_os("DIALGUARD_TEST_ECHO").is_some();
         let dir = tempfile::Builder::new().prefix("dialguard-e2e").tempdir()?;
         let layout = Layout::choose()?;
         let module = serve_module.then_some(dist.module.as_path());

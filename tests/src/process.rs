@@ -79,9 +79,9 @@ pub fn tee_lines(
             if echo {
                 eprintln!("[{name}] {line}");
             }
-            if tx.send(line).is_err() && !echo {
-                break;
-            }
+            // Keep draining even when nobody listens: a child whose stderr
+            // pipe closes fails its writes.
+            let _ = tx.send(line);
         }
     });
     rx

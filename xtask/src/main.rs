@@ -169,7 +169,11 @@ fn dist(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Replaces `to` by a new file (a running `dist/dialguard` keeps its old one).
 fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
+    if to.exists() {
+        std::fs::remove_file(to).with_context(|| format!("removing {}", to.display()))?;
+    }
     std::fs::copy(from, to)
         .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
     Ok(())

@@ -33,7 +33,10 @@ pub struct Outbox {
     bytes: usize,
     /// Highest sequence already sent on the current stream.
     sent_through: u64,
+    /// Highest sequence ever sent, on any stream.
+    highest_sent: u64,
     dropped_total: u64,
+    resent_total: u64,
 }
 
 impl Outbox {
@@ -44,7 +47,9 @@ impl Outbox {
             queue: VecDeque::new(),
             bytes: 0,
             sent_through: 0,
+            highest_sent: 0,
             dropped_total: 0,
+            resent_total: 0,
         }
     }
 
@@ -79,6 +84,9 @@ impl Outbox {
             .map(|(event, _)| event.clone())
             .collect();
         self.sent_through = events.last()?.sequence;
+        let highest_sent = self.highest_sent;
+        self.resent_total += events.iter().filter(|e| e.sequence <= highest_sent).count() as u64;
+        self.highest_sent = self.highest_sent.max(self.sent_through);
         Some(EventBatch {
             events,
             dropped_total: self.dropped_total,
@@ -123,5 +131,10 @@ impl Outbox {
 
     pub fn dropped_total(&self) -> u64 {
         self.dropped_total
+    }
+
+    /// Events sent more than once (after a stream was lost), since the VM started.
+    pub fn resent_total(&self) -> u64 {
+        self.resent_total
     }
 }

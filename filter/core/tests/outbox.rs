@@ -45,8 +45,10 @@ fn acknowledged_events_leave_and_a_lost_stream_resends_the_rest() {
     assert_eq!(sequences(&mut outbox), [vec![1, 2, 3, 4, 5]]);
     outbox.acknowledge(3);
     assert_eq!(outbox.len(), 2);
+    assert_eq!(outbox.resent_total(), 0);
     outbox.rewind();
     assert_eq!(sequences(&mut outbox), [vec![4, 5]]);
+    assert_eq!(outbox.resent_total(), 2);
     outbox.acknowledge(5);
     assert!(outbox.is_empty());
     assert_eq!(outbox.buffered_bytes(), 0);

@@ -58,6 +58,7 @@ impl Delivery {
                 None => return self.failed(metrics),
             },
         };
+        let resent_before = outbox.resent_total();
         while let Some(batch) = outbox.take_batch() {
             let count = batch.events.len() as u64;
             let message = SidecarMessage {
@@ -71,6 +72,7 @@ impl Delivery {
             }
             metrics::add(metrics.events_sent, count);
         }
+        metrics::add(metrics.events_resent, outbox.resent_total() - resent_before);
     }
 
     fn open(&mut self) -> Option<u32> {

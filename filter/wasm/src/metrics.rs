@@ -21,6 +21,7 @@ pub struct Metrics {
     pub unjudged: Option<u32>,
     pub events_sent: Option<u32>,
     pub events_acked: Option<u32>,
+    pub events_resent: Option<u32>,
     pub events_dropped: Option<u32>,
     pub stream_failures: Option<u32>,
 }
@@ -36,6 +37,7 @@ impl Metrics {
             unjudged: counter("dialguard.connections.unjudged"),
             events_sent: counter("dialguard.events.sent"),
             events_acked: counter("dialguard.events.acked"),
+            events_resent: counter("dialguard.events.resent"),
             events_dropped: counter("dialguard.events.dropped"),
             stream_failures: counter("dialguard.stream.failures"),
         }
