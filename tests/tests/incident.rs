@@ -161,5 +161,9 @@ fn incident_is_detected_and_reported() -> anyhow::Result<()> {
     assert_eq!(count("blackholed"), 1, "{counters:#?}");
     assert_eq!(count("service"), 12, "{counters:#?}");
     assert_eq!(count("match"), 2, "{counters:#?}");
+    // ... and reaches Prometheus named with the dialguard prefix.
+    let prometheus = dialguard_tests::sidecar::admin_get(incident.envoy.admin, "/stats/prometheus")?;
+    let line = format!("dialguard_connections_misrouted{{}} {total}");
+    assert!(prometheus.lines().any(|l| l == line), "no `{line}` in /stats/prometheus");
     Ok(())
 }
