@@ -184,3 +184,22 @@ fn bad_flags_print_an_error_and_nothing_else() {
     assert!(!output.status.success() && output.stdout.is_empty());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--module-sha256 \"xyz\""));
 }
+
+#[test]
+fn every_shipped_filter_is_fail_open() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../envoyfilter/examples");
+    let mut filters = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples") {
+        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("example");
+        // Each wasm filter and each WasmPlugin states its failure policy, FAIL_OPEN.
+        let wasm = text
+            .matches("envoy.extensions.filters.network.wasm.v3.Wasm")
+            .count();
+        let plugins = text.matches("kind: WasmPlugin").count();
+        assert_eq!(text.matches("failure_policy: FAIL_OPEN").count(), wasm);
+        assert_eq!(text.matches("failStrategy: FAIL_OPEN").count(), plugins);
+        assert!(!text.contains("FAIL_CLOSED"));
+        filters += wasm + plugins;
+    }
+    assert!(filters >= 4, "only {filters} filters in the examples");
+}

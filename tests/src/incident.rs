@@ -62,13 +62,19 @@ impl Incident {
             PodServer::start("manager-0 (this pod)", layout.at(layout.own_pod))?,
             PodServer::start("manager-1", layout.at(layout.peer_pod))?,
             PodServer::start("idle", layout.at(layout.idle_pod))?,
+            PodServer::start(
+                "mongo (external)",
+                SocketAddr::new(IpAddr::V4(layout.external_db), layout.dns_port),
+            )?,
         ];
         for (i, ip) in layout.app_pods.iter().enumerate() {
             pods.push(PodServer::start(&format!("app-{i}"), layout.at(*ip))?);
-            pods.push(PodServer::start(
-                &format!("app-{i} (port {})", layout.passthrough_port),
-                SocketAddr::new(IpAddr::V4(*ip), layout.passthrough_port),
-            )?);
+            for port in [layout.passthrough_port, layout.dns_port] {
+                pods.push(PodServer::start(
+                    &format!("app-{i} (port {port})"),
+                    SocketAddr::new(IpAddr::V4(*ip), port),
+                )?);
+            }
         }
         let access_log = dir.path().join("access.log");
         let bootstrap = sidecar::bootstrap(&layout, &install(&collector)?, &access_log);

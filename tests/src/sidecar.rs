@@ -35,6 +35,12 @@ pub struct Layout {
     pub port: u16,
     /// A port no listener covers: traffic to it takes `PassthroughCluster`.
     pub passthrough_port: u16,
+    /// The port of a TCP ServiceEntry with `resolution: DNS` and no
+    /// `addresses` (`mongo.external.example.com`), which the app pods also
+    /// serve on: the second catch-all shape.
+    pub dns_port: u16,
+    /// Where `mongo.external.example.com` resolves.
+    pub external_db: Ipv4Addr,
     /// The manager pod whose sidecar this is.
     pub own_pod: Ipv4Addr,
     /// The other manager pod, which Hazelcast dials directly.
@@ -52,6 +58,8 @@ impl Layout {
         let mut layout = Self {
             port: 0,
             passthrough_port: 0,
+            dns_port: 0,
+            external_db: Ipv4Addr::new(127, 0, 3, 10),
             own_pod: Ipv4Addr::new(127, 0, 1, 6),
             peer_pod: Ipv4Addr::new(127, 0, 1, 7),
             idle_pod: Ipv4Addr::new(127, 0, 1, 9),
@@ -61,11 +69,12 @@ impl Layout {
         };
         layout.port = free_port_on(&layout.pod_ips())?;
         layout.passthrough_port = free_port_on(&layout.pod_ips())?;
+        layout.dns_port = free_port_on(&layout.pod_ips())?;
         Ok(layout)
     }
 
     pub fn pod_ips(&self) -> Vec<Ipv4Addr> {
-        let mut ips = vec![self.own_pod, self.peer_pod, self.idle_pod];
+        let mut ips = vec![self.own_pod, self.peer_pod, self.idle_pod, self.external_db];
         ips.extend(self.app_pods);
         ips
     }
@@ -79,6 +88,9 @@ impl Layout {
     }
     pub fn app_cluster(&self) -> String {
         format!("outbound|{}||app.app.svc.cluster.local", self.port)
+    }
+    pub fn mongo_cluster(&self) -> String {
+        format!("outbound|{}||mongo.external.example.com", self.dns_port)
     }
     pub fn app_ext_cluster(&self) -> String {
         format!("outbound|{}||app-ext.app.svc.cluster.local", self.port)
@@ -277,6 +289,15 @@ pub fn bootstrap(layout: &Layout, install: &Install, access_log: &Path) -> Value
                           "BlackHoleCluster", dialguard, access_log),
                     chain(None, None, &layout.app_ext_cluster(), dialguard, access_log),
                 ]),
+                // What a TCP ServiceEntry with `resolution: DNS` and no
+                // `addresses` on a port the app pods also use generates.
+                {
+                    "name": format!("0.0.0.0_{}", layout.dns_port),
+                    "address": { "socket_address": { "address": "0.0.0.0", "port_value": layout.dns_port }},
+                    "filter_chains": [chain(None, None, &layout.mongo_cluster(), dialguard, access_log)],
+                    "traffic_direction": "OUTBOUND",
+                    "bind_to_port": false,
+                },
             ],
             "clusters": [
                 { "name": "PassthroughCluster", "type": "ORIGINAL_DST", "connect_timeout": "1s", "lb_policy": "CLUSTER_PROVIDED" },
@@ -286,6 +307,7 @@ pub fn bootstrap(layout: &Layout, install: &Install, access_log: &Path) -> Value
                 static_cluster(&layout.app_cluster(), ("app.app.svc.cluster.local", "app"),
                                &layout.app_pods.map(|ip| layout.at(ip))),
                 app_ext_cluster(layout),
+                mongo_cluster(layout),
             ]
         }
     });
@@ -293,6 +315,22 @@ pub fn bootstrap(layout: &Layout, install: &Install, access_log: &Path) -> Value
         clusters.extend(install.clusters.iter().cloned());
     }
     bootstrap
+}
+
+/// The DNS ServiceEntry's cluster: STRICT_DNS to its host, here the literal
+/// address it would resolve to.
+fn mongo_cluster(layout: &Layout) -> Value {
+    let mut cluster = static_cluster(
+        &layout.mongo_cluster(),
+        ("mongo.external.example.com", "app"),
+        &[SocketAddr::new(
+            IpAddr::V4(layout.external_db),
+            layout.dns_port,
+        )],
+    );
+    cluster["type"] = json!("STRICT_DNS");
+    cluster["dns_lookup_family"] = json!("V4_ONLY");
+    cluster
 }
 
 /// The ExternalName Service's cluster: STRICT_DNS to `idle.manager.svc.cluster.local`,

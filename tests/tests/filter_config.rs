@@ -39,22 +39,71 @@ fn envoy_accepts_the_shipped_configuration() -> anyhow::Result<()> {
 #[test]
 fn envoy_rejects_invalid_configuration_naming_the_field() -> anyhow::Result<()> {
     let dist = Dist::locate()?;
+    // One case per field: each must be refused by Envoy with a line naming it.
+    let c = |extra: serde_json::Value| {
+        let mut config = json!({ "collector": { "cluster": "c" } });
+        if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+            for (key, value) in extra {
+                base.insert(key.clone(), value.clone());
+            }
+        }
+        config
+    };
     let cases = [
+        (json!("not an object"), "at `.`: invalid type"),
+        (json!({}), "at `.`: missing field `collector`"),
         (
-            json!({ "collector": { "cluster": "c" }, "serviceCidrs": ["10.96.0.0/33"] }),
-            "at `serviceCidrs[0]`: expected a CIDR",
+            c(json!({ "mode": "block" })),
+            "at `mode`: unknown variant `block`",
         ),
-        (
-            json!({ "collector": { "cluster": "c" }, "allow": [{ "port": 5432 }, {}] }),
-            "at `allow[1]`: expected at least one of",
-        ),
+        (c(json!({ "colector": {} })), "at `colector`: unknown field"),
         (
             json!({ "collector": {} }),
             "at `collector`: missing field `cluster`",
         ),
         (
-            json!({ "collector": { "cluster": "c" }, "mode": "block" }),
-            "at `mode`: unknown variant `block`",
+            json!({ "collector": { "cluster": "" } }),
+            "at `collector.cluster`: expected the name",
+        ),
+        (
+            json!({ "collector": { "cluster": "c", "flushIntervalMs": 0 } }),
+            "at `collector.flushIntervalMs`: expected 10 to 60000",
+        ),
+        (
+            json!({ "collector": { "cluster": "c", "maxBatchEvents": 0 } }),
+            "at `collector.maxBatchEvents`: expected 1 to 10000",
+        ),
+        (
+            json!({ "collector": { "cluster": "c", "maxBufferedEvents": 1, "maxBatchEvents": 5 } }),
+            "at `collector.maxBufferedEvents`: expected maxBatchEvents",
+        ),
+        (
+            json!({ "collector": { "cluster": "c", "maxBufferedBytes": 10 } }),
+            "at `collector.maxBufferedBytes`: expected 4096",
+        ),
+        (
+            c(json!({ "serviceCidrs": ["10.96.0.0/33"] })),
+            "at `serviceCidrs[0]`: expected a CIDR",
+        ),
+        (
+            c(json!({ "podCidrs": ["10.244.0.0/16", "pods"] })),
+            "at `podCidrs[1]`: expected a CIDR",
+        ),
+        (
+            c(json!({ "allow": [{ "port": 5432 }, {}] })),
+            "at `allow[1]`: expected at least one of",
+        ),
+        (
+            c(json!({ "allow": [{ "cluster": "a*b" }] })),
+            "at `allow[0].cluster`: expected a cluster name",
+        ),
+        (
+            c(json!({ "allow": [{ "destinationCidr": "10.1.0.0/99" }] })),
+            "at `allow[0].destinationCidr`: expected a CIDR",
+        ),
+        (
+            c(json!({ "allow": [{ "port": 0 }] })),
+            "at `allow[0].port`: expected 1 to 65535",
         ),
     ];
     for (config, expected) in cases {

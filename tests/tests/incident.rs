@@ -162,8 +162,41 @@ fn incident_is_detected_and_reported() -> anyhow::Result<()> {
     assert_eq!(count("service"), 12, "{counters:#?}");
     assert_eq!(count("match"), 2, "{counters:#?}");
     // ... and reaches Prometheus named with the dialguard prefix.
-    let prometheus = dialguard_tests::sidecar::admin_get(incident.envoy.admin, "/stats/prometheus")?;
+    let prometheus =
+        dialguard_tests::sidecar::admin_get(incident.envoy.admin, "/stats/prometheus")?;
     let line = format!("dialguard_connections_misrouted{{}} {total}");
-    assert!(prometheus.lines().any(|l| l == line), "no `{line}` in /stats/prometheus");
+    assert!(
+        prometheus.lines().any(|l| l == line),
+        "no `{line}` in /stats/prometheus"
+    );
+    Ok(())
+}
+
+/// The second shape that still happens on current Istio: a TCP ServiceEntry
+/// with `resolution: DNS` and no `addresses` on a port pods also serve.
+#[test]
+fn dns_service_entry_catch_all_is_detected() -> anyhow::Result<()> {
+    let dist = Dist::locate()?;
+    let incident = Incident::start(&dist, false)?;
+    let l = incident.layout.clone();
+    let app_pod = std::net::SocketAddr::new(l.app_pods[1].into(), l.dns_port);
+    let mongo = std::net::SocketAddr::new(l.external_db.into(), l.dns_port);
+    // The manager dials an app pod directly on that port: the catch-all sends it to mongo.
+    for _ in 0..2 {
+        ensure!(incident.dial(app_pod)? == Outcome::Reached("mongo (external)".into()));
+    }
+    // Dialing the external host's own address is not a difference at all.
+    ensure!(incident.dial(mongo)? == Outcome::Reached("mongo (external)".into()));
+    let dialed = app_pod.to_string();
+    let report = wait_for_report(&incident, "the ServiceEntry capture", |r| {
+        row(r, "misrouted", &dialed).is_some_and(|x| x.count == 2)
+    })?;
+    let captured = row(&report, "misrouted", &dialed).context("row")?;
+    assert_eq!(captured.cluster, l.mongo_cluster());
+    assert_eq!(
+        captured.upstream_host.as_deref(),
+        Some(mongo.to_string().as_str())
+    );
+    assert_eq!(report.rows.len(), 1, "{:#?}", report.rows);
     Ok(())
 }
