@@ -62,6 +62,8 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;",
     // 2: the upstream host's istio.workload.
     "ALTER TABLE events ADD COLUMN upstream_workload TEXT NOT NULL DEFAULT '';",
+    // 3: enforce mode closed the connection.
+    "ALTER TABLE events ADD COLUMN enforced INTEGER NOT NULL DEFAULT 0;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -258,8 +260,8 @@ fn commit_group<'a>(
             "INSERT OR IGNORE INTO events (sidecar_id, sequence, timestamp_ns,
                 original_destination, upstream_host, source, connection_id, cluster,
                 filter_chain, verdict, response_flags, failure_reason, intended_service,
-                upstream_workload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                upstream_workload, enforced)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )?;
         let mut upsert_aggregate = tx.prepare_cached(
             "INSERT INTO aggregates (source_workload, source_namespace, original_destination,
@@ -310,6 +312,7 @@ fn commit_group<'a>(
                     raw.upstream_transport_failure_reason,
                     raw.intended_service,
                     raw.upstream_workload,
+                    raw.enforced,
                 ])?;
                 if inserted == 0 {
                     continue; // a resend of an event stored before

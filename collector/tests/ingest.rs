@@ -142,6 +142,7 @@ fn event(sequence: u64, verdict: Verdict, dest: &str, upstream: Option<&str>) ->
         upstream_transport_failure_reason: String::new(),
         intended_service: "ratings.bookinfo.svc.cluster.local".into(),
         upstream_workload: "ratings-v1;bookinfo;ratings;v1;Kubernetes".into(),
+        enforced: false,
     }
 }
 

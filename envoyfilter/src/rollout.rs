@@ -194,11 +194,11 @@ fn plan(args: &RolloutArgs) -> Result<Plan, RolloutError> {
         }
         selector.insert(key.to_owned(), value.to_owned());
     }
-    if args.mode != "audit" {
+    if !matches!(args.mode.as_str(), "audit" | "enforce") {
         return Err(invalid(
             "--mode",
             &args.mode,
-            "expected audit (this filter version has no enforce mode yet)",
+            "expected audit or enforce (enforce needs --module-url to name dialguard_filter_enforce.wasm)",
         ));
     }
     let (collector_host, collector_port) = parse_host_port("--collector", &args.collector)?;

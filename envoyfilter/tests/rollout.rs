@@ -287,7 +287,11 @@ fn bad_flags_are_named() {
             "--selector",
             "key=value",
         ),
-        (|a| a.mode = "enforce".into(), "--mode", "expected audit"),
+        (
+            |a| a.mode = "block".into(),
+            "--mode",
+            "expected audit or enforce",
+        ),
     ];
     for (mutate, flag, expected) in cases {
         let mut bad = args();

@@ -8,6 +8,8 @@ use anyhow::{Context, bail};
 pub struct Dist {
     pub envoy: PathBuf,
     pub module: PathBuf,
+    /// The module built with enforcement (`mode: enforce`).
+    pub module_enforce: PathBuf,
     pub dialguard: PathBuf,
 }
 
@@ -25,9 +27,15 @@ impl Dist {
         let dist = Self {
             envoy: dir.join("envoy"),
             module: dir.join("dialguard_filter.wasm"),
+            module_enforce: dir.join("dialguard_filter_enforce.wasm"),
             dialguard: dir.join("dialguard"),
         };
-        for path in [&dist.envoy, &dist.module, &dist.dialguard] {
+        for path in [
+            &dist.envoy,
+            &dist.module,
+            &dist.module_enforce,
+            &dist.dialguard,
+        ] {
             if !path.exists() {
                 bail!(
                     "{} is missing: run `cargo xtask dist` first",

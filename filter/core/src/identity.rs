@@ -37,6 +37,7 @@ pub fn hello(node: &mut impl NodeFacts, vm_instance: String, config: &FilterConf
         filter_version: env!("CARGO_PKG_VERSION").to_owned(),
         mode: match config.mode {
             Mode::Audit => WireMode::Audit,
+            Mode::Enforce => WireMode::Enforce,
         }
         .into(),
     }

@@ -77,6 +77,7 @@ impl Judgement {
                 .upstream_transport_failure_reason()
                 .unwrap_or_default(),
             intended_service: facts.intended_service().unwrap_or_default(),
+            enforced: false,
             upstream_workload: match self.upstream_host {
                 Some(_) => facts.upstream_workload().unwrap_or_default(),
                 None => String::new(),

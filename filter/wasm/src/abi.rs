@@ -36,6 +36,8 @@ unsafe extern "C" {
         return_buffer_size: *mut usize,
     ) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    #[cfg(feature = "enforce")]
+    fn proxy_close_stream(stream_type: u32) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     fn proxy_grpc_stream(
         upstream_data: *const u8,
@@ -141,6 +143,16 @@ pub fn buffer(kind: Buffer, max_size: usize) -> Result<Vec<u8>, Status> {
         NOT_FOUND => Ok(Vec::new()),
         other => Err(Status(other)),
     }
+}
+
+/// Closes both sides of the connection whose callback is running.
+#[cfg(feature = "enforce")]
+pub fn close_connection() {
+    const DOWNSTREAM: u32 = 2;
+    const UPSTREAM: u32 = 3;
+    // SAFETY: plain values; acts on the current (effective) context.
+    let _ = unsafe { proxy_close_stream(DOWNSTREAM) };
+    let _ = unsafe { proxy_close_stream(UPSTREAM) };
 }
 
 pub fn set_tick_period_ms(period: u32) -> Result<(), Status> {

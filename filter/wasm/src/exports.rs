@@ -23,6 +23,27 @@ struct Vm {
     roots: Vec<(u32, Option<Root>)>,
     /// Connection context id → root context id, only while several roots exist.
     connections: HashMap<u32, u32>,
+    /// Connections already judged at their first data (enforce mode).
+    #[cfg(feature = "enforce")]
+    judged: std::collections::HashSet<u32>,
+}
+
+impl Vm {
+    /// The root a connection belongs to; `forget` ends the tracking.
+    fn root_id_of(&mut self, context_id: u32, forget: bool) -> Option<u32> {
+        match self.roots.as_slice() {
+            [(id, _)] => Some(*id),
+            _ if forget => self.connections.remove(&context_id),
+            _ => self.connections.get(&context_id).copied(),
+        }
+    }
+
+    fn root(&mut self, root_id: u32) -> Option<&mut Root> {
+        self.roots
+            .iter_mut()
+            .find(|(id, _)| *id == root_id)
+            .and_then(|(_, root)| root.as_mut())
+    }
 }
 
 thread_local! {
@@ -34,7 +55,7 @@ fn with_root(root_id: u32, f: impl FnOnce(&mut Root)) {
         let Ok(mut vm) = vm.try_borrow_mut() else {
             return;
         };
-        if let Some((_, Some(root))) = vm.roots.iter_mut().find(|(id, _)| *id == root_id) {
+        if let Some(root) = vm.root(root_id) {
             f(root);
         }
     });
@@ -98,14 +119,14 @@ pub extern "C" fn proxy_on_log(context_id: u32) {
         let Ok(mut vm) = vm.try_borrow_mut() else {
             return;
         };
-        let root_id = match vm.roots.as_slice() {
-            [(id, _)] => *id,
-            _ => match vm.connections.remove(&context_id) {
-                Some(id) => id,
-                None => return,
-            },
+        let Some(root_id) = vm.root_id_of(context_id, true) else {
+            return;
         };
-        if let Some((_, Some(root))) = vm.roots.iter_mut().find(|(id, _)| *id == root_id) {
+        #[cfg(feature = "enforce")]
+        if vm.judged.remove(&context_id) {
+            return;
+        }
+        if let Some(root) = vm.root(root_id) {
             connection::on_log(root);
         }
     });
@@ -131,4 +152,49 @@ pub extern "C" fn proxy_on_done(context_id: u32) -> u32 {
         }
     });
     1
+}
+
+/// Enforce mode: the first data in either direction decides; a misrouted
+/// connection is closed on both sides and the data held back.
+#[cfg(feature = "enforce")]
+fn on_first_data(context_id: u32) -> u32 {
+    const CONTINUE: u32 = 0;
+    const PAUSE: u32 = 1;
+    VM.with(|vm| {
+        let Ok(mut vm) = vm.try_borrow_mut() else {
+            return CONTINUE;
+        };
+        if vm.judged.contains(&context_id) {
+            return CONTINUE;
+        }
+        let Some(root) = vm.root_id_of(context_id, false).and_then(|id| vm.root(id)) else {
+            return CONTINUE;
+        };
+        if root.config.mode != dialguard_filter_core::Mode::Enforce {
+            return CONTINUE; // audit configuration: judged in on_log
+        }
+        let close = connection::judge_and_record(root, true);
+        if vm.judged.len() >= MAX_TRACKED_CONNECTIONS {
+            vm.judged.clear();
+        }
+        vm.judged.insert(context_id);
+        if close {
+            crate::abi::close_connection();
+            PAUSE
+        } else {
+            CONTINUE
+        }
+    })
+}
+
+#[cfg(feature = "enforce")]
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_downstream_data(context_id: u32, _size: usize, _end: u32) -> u32 {
+    on_first_data(context_id)
+}
+
+#[cfg(feature = "enforce")]
+#[unsafe(no_mangle)]
+pub extern "C" fn proxy_on_upstream_data(context_id: u32, _size: usize, _end: u32) -> u32 {
+    on_first_data(context_id)
 }

@@ -19,6 +19,7 @@ const VERDICTS: [Verdict; 7] = [
 pub struct Metrics {
     verdicts: [Option<u32>; VERDICTS.len()],
     pub unjudged: Option<u32>,
+    pub enforced: Option<u32>,
     pub events_sent: Option<u32>,
     pub events_acked: Option<u32>,
     pub events_resent: Option<u32>,
@@ -35,6 +36,7 @@ impl Metrics {
         Self {
             verdicts: VERDICTS.map(|v| counter(&format!("dialguard.connections.{}", v.label()))),
             unjudged: counter("dialguard.connections.unjudged"),
+            enforced: counter("dialguard.connections.enforced"),
             events_sent: counter("dialguard.events.sent"),
             events_acked: counter("dialguard.events.acked"),
             events_resent: counter("dialguard.events.resent"),

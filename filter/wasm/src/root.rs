@@ -2,7 +2,7 @@
 //! memory, counters and collector stream. Connections are judged against
 //! the root they were created under.
 
-use dialguard_filter_core::{FilterConfig, Outbox, OutboxLimits, UpstreamMemory, hello};
+use dialguard_filter_core::{FilterConfig, Mode, Outbox, OutboxLimits, UpstreamMemory, hello};
 
 use crate::abi::{self, Buffer, LogLevel};
 use crate::delivery::Delivery;
@@ -34,6 +34,14 @@ impl Root {
                 return None;
             }
         };
+        if config.mode == Mode::Enforce && !cfg!(feature = "enforce") {
+            abi::log(
+                LogLevel::Error,
+                "invalid dialguard configuration at `mode`: enforce needs the module built with \
+                 enforcement (dialguard_filter_enforce.wasm); this module only audits",
+            );
+            return None;
+        }
         let hello = hello(&mut EnvoyNode, vm_instance(), &config);
         let period = u32::try_from(config.collector.flush_interval_ms).unwrap_or(u32::MAX);
         let _ = abi::set_tick_period_ms(period);
