@@ -30,14 +30,15 @@ pub fn dial(
         .with_context(|| format!("connecting to the sidecar at {outbound}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let family = if dialed.is_ipv4() { "TCP4" } else { "TCP6" };
+    stream.set_nodelay(true)?;
     let source_port = stream.local_addr()?.port();
-    write!(
-        stream,
-        "PROXY {family} {source_ip} {} {source_port} {}\r\n",
+    // One write: header and first line together, so no delayed ACK stalls us.
+    let hello = format!(
+        "PROXY {family} {source_ip} {} {source_port} {}\r\nhello from the application\n",
         dialed.ip(),
         dialed.port()
-    )?;
-    stream.write_all(b"hello from the application\n")?;
+    );
+    stream.write_all(hello.as_bytes())?;
     let mut greeting = String::new();
     let read = BufReader::new(&stream).read_line(&mut greeting);
     let _ = stream.shutdown(std::net::Shutdown::Both);
