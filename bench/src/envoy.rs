@@ -2,7 +2,7 @@
 //! unless asked otherwise, killed by its own PID when dropped.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc::Receiver;
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use dialguard_tests::process::{ChildGuard, piped, tee_lines};
-use dialguard_tests::sidecar::admin_get;
+use dialguard_tests::sidecar::{admin_get, listener_address};
 use dialguard_tests::wait_for;
 use serde_json::Value;
 
@@ -209,22 +209,4 @@ pub fn find_in_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
-}
-
-fn listener_address(admin: SocketAddr, name: &str) -> anyhow::Result<SocketAddr> {
-    let body = admin_get(admin, "/listeners?format=json")?;
-    let listeners: Value = serde_json::from_str(&body)?;
-    let found = listeners["listener_statuses"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|l| l["name"] == name)
-        .with_context(|| format!("listener {name} not in /listeners: {body}"))?;
-    let address = &found["local_address"]["socket_address"];
-    let ip: IpAddr = address["address"]
-        .as_str()
-        .context("listener address")?
-        .parse()?;
-    let port = address["port_value"].as_u64().context("listener port")?;
-    Ok(SocketAddr::new(ip, u16::try_from(port)?))
 }

@@ -349,38 +349,15 @@ pub fn bootstrap(
         })
     };
     let vip = layout.app_vip;
-    let pod = dialguard_tests::sidecar::pod_identity(layout);
     let mut bootstrap = json!({
-        "node": {
-            "id": format!("sidecar~{}~{}.manager~manager.svc.cluster.local", layout.own_pod, pod),
-            "cluster": "manager.manager",
-            "metadata": {
-                "NAME": pod,
-                "NAMESPACE": "manager",
-                "WORKLOAD_NAME": "manager",
-                "INSTANCE_IPS": layout.own_pod.to_string(),
-                "CLUSTER_ID": "Kubernetes",
-                "ISTIO_VERSION": "1.24.2",
-                "LABELS": { "app": "manager" },
-            }
-        },
+        "node": dialguard_tests::sidecar::node(layout),
         "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 }}},
         "static_resources": {
             "listeners": [
-                {
-                    "name": "virtualOutbound",
-                    "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 }},
-                    "listener_filters": [{
-                        "name": "envoy.filters.listener.proxy_protocol",
-                        "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol" }
-                    }],
-                    "filter_chains": [
-                        chain(Some("virtualOutbound-blackhole"), Some(json!({ "destination_port": 15001 })), "BlackHoleCluster", &add),
-                        chain(Some("virtualOutbound-catchall-tcp"), None, "PassthroughCluster", &add),
-                    ],
-                    "use_original_dst": true,
-                    "traffic_direction": "OUTBOUND",
-                },
+                dialguard_tests::sidecar::virtual_outbound(vec![
+                    chain(Some("virtualOutbound-blackhole"), Some(json!({ "destination_port": 15001 })), "BlackHoleCluster", &add),
+                    chain(Some("virtualOutbound-catchall-tcp"), None, "PassthroughCluster", &add),
+                ]),
                 listener(format!("{vip}_{port}"), vip.to_string(),
                          vec![chain(None, None, &topology.app_cluster(), &add)]),
                 listener(format!("0.0.0.0_{port}"), "0.0.0.0".to_owned(), vec![

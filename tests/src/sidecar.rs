@@ -180,6 +180,41 @@ fn static_cluster(name: &str, service: (&str, &str), endpoints: &[SocketAddr]) -
     })
 }
 
+/// The manager pod's Envoy node, with the metadata the sidecar injector sets.
+pub fn node(layout: &Layout) -> Value {
+    let pod = pod_identity(layout);
+    json!({
+        "id": format!("sidecar~{}~{}.manager~manager.svc.cluster.local", layout.own_pod, pod),
+        "cluster": "manager.manager",
+        "metadata": {
+            "NAME": pod,
+            "NAMESPACE": "manager",
+            "WORKLOAD_NAME": "manager",
+            "INSTANCE_IPS": layout.own_pod.to_string(),
+            "CLUSTER_ID": "Kubernetes",
+            "ISTIO_VERSION": "1.24.2",
+            "LABELS": { "app": "manager" },
+        }
+    })
+}
+
+/// `virtualOutbound` (15001 in a pod; any loopback port here): PROXY protocol
+/// restores the dialed address, `use_original_dst` hands the connection to
+/// the listener for it; `chains` take what no listener does.
+pub fn virtual_outbound(chains: Vec<Value>) -> Value {
+    json!({
+        "name": "virtualOutbound",
+        "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 }},
+        "listener_filters": [{
+            "name": "envoy.filters.listener.proxy_protocol",
+            "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol" }
+        }],
+        "filter_chains": chains,
+        "use_original_dst": true,
+        "traffic_direction": "OUTBOUND",
+    })
+}
+
 /// What installing dialguard adds to a sidecar: the network filter that goes
 /// before `tcp_proxy` in every outbound chain, and the clusters it needs.
 #[derive(Debug, Clone)]
@@ -249,38 +284,15 @@ pub fn bootstrap(layout: &Layout, install: &Install, access_log: &Path) -> Value
             vec![chain(None, None, &cluster, dialguard, access_log)],
         )
     };
-    let pod = pod_identity(layout);
     let mut bootstrap = json!({
-        "node": {
-            "id": format!("sidecar~{}~{}.manager~manager.svc.cluster.local", layout.own_pod, pod),
-            "cluster": "manager.manager",
-            "metadata": {
-                "NAME": pod,
-                "NAMESPACE": "manager",
-                "WORKLOAD_NAME": "manager",
-                "INSTANCE_IPS": layout.own_pod.to_string(),
-                "CLUSTER_ID": "Kubernetes",
-                "ISTIO_VERSION": "1.24.2",
-                "LABELS": { "app": "manager" },
-            }
-        },
+        "node": node(layout),
         "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 }}},
         "static_resources": {
             "listeners": [
-                {
-                    "name": "virtualOutbound",
-                    "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 }},
-                    "listener_filters": [{
-                        "name": "envoy.filters.listener.proxy_protocol",
-                        "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol" }
-                    }],
-                    "filter_chains": [
-                        chain(Some("virtualOutbound-blackhole"), Some(json!({ "destination_port": 15001 })), "BlackHoleCluster", dialguard, access_log),
-                        chain(Some("virtualOutbound-catchall-tcp"), None, "PassthroughCluster", dialguard, access_log),
-                    ],
-                    "use_original_dst": true,
-                    "traffic_direction": "OUTBOUND",
-                },
+                virtual_outbound(vec![
+                    chain(Some("virtualOutbound-blackhole"), Some(json!({ "destination_port": 15001 })), "BlackHoleCluster", dialguard, access_log),
+                    chain(Some("virtualOutbound-catchall-tcp"), None, "PassthroughCluster", dialguard, access_log),
+                ]),
                 vip_listener(layout.manager_vip, layout.manager_cluster()),
                 vip_listener(layout.app_vip, layout.app_cluster()),
                 // What the ExternalName Service `app-ext` (port 5701) made istiod generate.
@@ -442,7 +454,8 @@ pub fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(body)
 }
 
-fn listener_address(admin: SocketAddr, name: &str) -> anyhow::Result<SocketAddr> {
+/// Where listener `name` is bound, from Envoy's admin `/listeners`.
+pub fn listener_address(admin: SocketAddr, name: &str) -> anyhow::Result<SocketAddr> {
     let body = admin_get(admin, "/listeners?format=json")?;
     let listeners: Value = serde_json::from_str(&body)?;
     let found = listeners["listener_statuses"]
