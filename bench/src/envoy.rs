@@ -146,14 +146,7 @@ impl Envoy {
 
     /// Counter and gauge values whose names contain `filter` (`/stats?format=json`).
     pub fn stats(&self, filter: &str) -> anyhow::Result<BTreeMap<String, u64>> {
-        let body = admin_get(self.admin, &format!("/stats?format=json&filter={filter}"))?;
-        let stats: Value = serde_json::from_str(&body)?;
-        Ok(stats["stats"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| Some((s["name"].as_str()?.to_owned(), s["value"].as_u64()?)))
-            .collect())
+        dialguard_tests::sidecar::stats(self.admin, filter)
     }
 
     /// One stat by its exact name (0 when Envoy does not have it).

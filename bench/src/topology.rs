@@ -312,22 +312,9 @@ fn chain(name: Option<&str>, matcher: Option<Value>, cluster: &str, add: &Additi
     chain
 }
 
+/// One endpoint, through the harness's cluster shape.
 fn static_cluster(name: &str, service: (&str, &str), endpoint: SocketAddr) -> Value {
-    let (host, namespace) = service;
-    let short = host.split('.').next().unwrap_or(host);
-    json!({
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": { "cluster_name": name, "endpoints": [{ "lb_endpoints": [
-            { "endpoint": { "address": { "socket_address": {
-                "address": endpoint.ip().to_string(), "port_value": endpoint.port() }}}}
-        ]}]},
-        "metadata": { "filter_metadata": { "istio": {
-            "services": [{ "host": host, "name": short, "namespace": namespace }],
-            "default_original_port": endpoint.port(),
-        }}}
-    })
+    dialguard_tests::sidecar::static_cluster(name, service, &[endpoint])
 }
 
 /// The whole bootstrap for `variant`.

@@ -162,7 +162,8 @@ fn chain(
     chain
 }
 
-fn static_cluster(name: &str, service: (&str, &str), endpoints: &[SocketAddr]) -> Value {
+/// A STATIC cluster (Istio's EDS clusters here) with `istio.services` metadata.
+pub fn static_cluster(name: &str, service: (&str, &str), endpoints: &[SocketAddr]) -> Value {
     let (host, namespace) = service;
     let short = host.split('.').next().unwrap_or(host);
     json!({
@@ -433,15 +434,24 @@ impl Envoy {
         &self,
         filter: &str,
     ) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
-        let body = admin_get(self.admin, &format!("/stats?format=json&filter={filter}"))?;
-        let stats: Value = serde_json::from_str(&body)?;
-        Ok(stats["stats"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| Some((s["name"].as_str()?.to_owned(), s["value"].as_u64()?)))
-            .collect())
+        stats(self.admin, filter)
     }
+}
+
+/// Counter and gauge values whose names contain `filter`, from an Envoy
+/// admin endpoint's `/stats?format=json`.
+pub fn stats(
+    admin: SocketAddr,
+    filter: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let body = admin_get(admin, &format!("/stats?format=json&filter={filter}"))?;
+    let stats: Value = serde_json::from_str(&body)?;
+    Ok(stats["stats"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| Some((s["name"].as_str()?.to_owned(), s["value"].as_u64()?)))
+        .collect())
 }
 
 pub fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
