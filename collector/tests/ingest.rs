@@ -2,240 +2,21 @@
 //! on loopback port 0 with a temporary SQLite database, driven by the generated
 //! tonic client over a real HTTP/2 connection. Every await is bounded.
 
-use std::future::Future;
+mod common;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dialguard_collector::{ServeConfig, ServeError, report, store};
+use common::*;
+use dialguard_collector::{report, store};
 use dialguard_proto::v1::collector_client::CollectorClient;
-use dialguard_proto::v1::{
-    CollectorMessage, ConnectionEvent, EventBatch, Hello, SidecarMessage, SocketAddress, Verdict,
-    collector_message, sidecar_message,
-};
-use rusqlite::{Connection, OpenFlags};
+use dialguard_proto::v1::{EventBatch, SidecarMessage, SocketAddress, Verdict, sidecar_message};
+use rusqlite::Connection;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status, Streaming};
-
-/// Bound on every single wait in these tests.
-const WAIT: Duration = Duration::from_secs(10);
-
-/// 2023-11-14T22:13:20Z in nanoseconds since the Unix epoch.
-const BASE_NS: u64 = 1_700_000_000_000_000_000;
-
-async fn bounded<F: Future>(what: &str, future: F) -> F::Output {
-    tokio::time::timeout(WAIT, future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {WAIT:?}: {what}"))
-}
-
-// ---------------------------------------------------------------------------
-// The server
-// ---------------------------------------------------------------------------
-
-struct Server {
-    grpc: SocketAddr,
-    http: SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), ServeError>>,
-}
-
-impl Server {
-    async fn start(db: &Path) -> Self {
-        Self::start_with_grace(db, Duration::from_secs(3)).await
-    }
-
-    async fn start_with_grace(db: &Path, shutdown_grace: Duration) -> Self {
-        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
-        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-        let grpc_addr = grpc.local_addr().expect("grpc addr");
-        let http_addr = http.local_addr().expect("http addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let config = ServeConfig {
-            db_path: db.to_owned(),
-            shutdown_grace,
-            module: None,
-        };
-        let task = tokio::spawn(dialguard_collector::run(grpc, http, config, async move {
-            let _ = stopped.await;
-        }));
-        Self {
-            grpc: grpc_addr,
-            http: http_addr,
-            stop,
-            task,
-        }
-    }
-
-    async fn client(&self) -> CollectorClient<Channel> {
-        let channel = bounded(
-            "connecting to the collector",
-            Endpoint::from_shared(format!("http://{}", self.grpc))
-                .expect("endpoint")
-                .connect_timeout(WAIT)
-                .connect(),
-        )
-        .await
-        .expect("connect to the collector");
-        CollectorClient::new(channel)
-    }
-
-    /// Signals shutdown and waits for `run` to return `Ok`.
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        bounded("the collector to shut down", self.task)
-            .await
-            .expect("the collector task panicked")
-            .expect("run returned an error");
-    }
-}
-
-fn temp_db() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("dialguard.db");
-    (dir, db)
-}
-
-// ---------------------------------------------------------------------------
-// Messages
-// ---------------------------------------------------------------------------
-
-fn hello(node_id: &str, vm_instance: &str) -> Hello {
-    Hello {
-        node_id: node_id.into(),
-        vm_instance: vm_instance.into(),
-        pod_name: "reviews-v1-7d9f-abcde".into(),
-        namespace: "bookinfo".into(),
-        workload_name: "reviews-v1".into(),
-        instance_ips: vec!["10.0.1.6".into()],
-        cluster_id: "Kubernetes".into(),
-        istio_version: "1.24.0".into(),
-        filter_version: "test".into(),
-        ..Default::default()
-    }
-}
-
-const NODE: &str = "sidecar~10.0.1.6~reviews-v1-7d9f-abcde.bookinfo~bookinfo.svc.cluster.local";
-
-fn addr(text: &str) -> SocketAddress {
-    SocketAddress::from_socket_addr(text.parse().expect("socket address"))
-}
-
-fn event(sequence: u64, verdict: Verdict, dest: &str, upstream: Option<&str>) -> ConnectionEvent {
-    ConnectionEvent {
-        sequence,
-        timestamp_unix_nanos: BASE_NS + sequence * 1_000_000,
-        original_destination: Some(addr(dest)),
-        upstream_host: upstream.map(addr),
-        source: Some(addr("10.0.1.6:40000")),
-        connection_id: 1000 + sequence,
-        cluster_name: "outbound|9080||ratings.bookinfo.svc.cluster.local".into(),
-        filter_chain_name: "0.0.0.0_9080".into(),
-        verdict: verdict as i32,
-        response_flags: 0,
-        upstream_transport_failure_reason: String::new(),
-        intended_service: "ratings.bookinfo.svc.cluster.local".into(),
-        upstream_workload: "ratings-v1;bookinfo;ratings;v1;Kubernetes".into(),
-        enforced: false,
-    }
-}
-
-const DEST: &str = "10.0.2.7:9080";
-const WRONG_POD: &str = "10.0.3.9:9080";
-
-fn misrouted(sequence: u64) -> ConnectionEvent {
-    event(sequence, Verdict::Misrouted, DEST, Some(WRONG_POD))
-}
-
-fn batch(events: Vec<ConnectionEvent>) -> SidecarMessage {
-    SidecarMessage {
-        kind: Some(sidecar_message::Kind::Batch(EventBatch {
-            events,
-            dropped_total: 0,
-        })),
-    }
-}
-
-fn misrouted_batch(sequences: std::ops::RangeInclusive<u64>) -> SidecarMessage {
-    batch(sequences.map(misrouted).collect())
-}
-
-// ---------------------------------------------------------------------------
-// Streams
-// ---------------------------------------------------------------------------
-
-/// One `Report` stream, as a sidecar VM holds it.
-struct ReportStream {
-    tx: mpsc::Sender<SidecarMessage>,
-    rx: Streaming<CollectorMessage>,
-}
-
-impl ReportStream {
-    /// Opens a stream whose first message is `first` (normally a hello).
-    /// Returns the status instead if the collector refused the call outright.
-    async fn open_with(
-        client: &mut CollectorClient<Channel>,
-        first: SidecarMessage,
-    ) -> Result<Self, Status> {
-        let (tx, outbound) = mpsc::channel(16);
-        tx.send(first).await.expect("queue the first message");
-        let response = bounded(
-            "the Report call",
-            client.report(ReceiverStream::new(outbound)),
-        )
-        .await?;
-        Ok(Self {
-            tx,
-            rx: response.into_inner(),
-        })
-    }
-
-    async fn open(client: &mut CollectorClient<Channel>, node_id: &str, vm: &str) -> Self {
-        let first = SidecarMessage {
-            kind: Some(sidecar_message::Kind::Hello(hello(node_id, vm))),
-        };
-        Self::open_with(client, first)
-            .await
-            .expect("the Report call failed")
-    }
-
-    async fn send(&self, message: SidecarMessage) {
-        bounded("sending a message", self.tx.send(message))
-            .await
-            .expect("the request stream is closed");
-    }
-
-    /// The next ack's `through_sequence`, or the status that ended the stream.
-    async fn next_ack(&mut self) -> Result<u64, Status> {
-        match bounded("the next ack", self.rx.message()).await? {
-            Some(CollectorMessage {
-                kind: Some(collector_message::Kind::Ack(ack)),
-            }) => Ok(ack.through_sequence),
-            Some(other) => panic!("expected an ack, got {other:?}"),
-            None => panic!("the collector ended the stream without a status"),
-        }
-    }
-
-    /// Sends a batch and waits for its ack.
-    async fn send_acked(&mut self, message: SidecarMessage) -> u64 {
-        self.send(message).await;
-        self.next_ack().await.expect("batch not acknowledged")
-    }
-
-    /// Waits for the status that ends the stream; it must be an error.
-    async fn error(&mut self) -> Status {
-        match self.next_ack().await {
-            Ok(through) => panic!("expected an error, got an ack through {through}"),
-            Err(status) => status,
-        }
-    }
-}
+use tonic::{Code, Status};
 
 /// Opens a stream that is expected to fail, returning the error status
 /// whether it arrives as the call's result or on the response stream.
@@ -267,60 +48,6 @@ fn assert_invalid_argument(status: &Status, needle: &str) {
         "status message {:?} does not mention {needle:?}",
         status.message()
     );
-}
-
-// ---------------------------------------------------------------------------
-// The database, read behind the collector's back
-// ---------------------------------------------------------------------------
-
-fn read_only(db: &Path) -> Connection {
-    Connection::open_with_flags(
-        db,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .expect("open the database read-only")
-}
-
-fn count(db: &Path, sql: &str) -> i64 {
-    read_only(db)
-        .query_row(sql, [], |row| row.get(0))
-        .unwrap_or_else(|err| panic!("{sql}: {err}"))
-}
-
-fn stored_events(db: &Path) -> i64 {
-    count(db, "SELECT count(*) FROM events")
-}
-
-fn stored_sequences(db: &Path, vm: &str) -> Vec<i64> {
-    let conn = read_only(db);
-    let mut statement = conn
-        .prepare(
-            "SELECT e.sequence FROM events e JOIN sidecars s ON s.id = e.sidecar_id
-             WHERE s.vm_instance = ?1 ORDER BY e.sequence",
-        )
-        .expect("prepare");
-    statement
-        .query_map([vm], |row| row.get(0))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows")
-}
-
-/// The aggregate count of the (DEST, WRONG_POD, misrouted) row; 0 if absent.
-fn misrouted_aggregate(db: &Path) -> i64 {
-    let conn = read_only(db);
-    let rows: Vec<i64> = conn
-        .prepare(
-            "SELECT count FROM aggregates
-             WHERE original_destination = ?1 AND upstream_host = ?2 AND verdict = 'misrouted'",
-        )
-        .expect("prepare")
-        .query_map([DEST, WRONG_POD], |row| row.get(0))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
-    assert!(rows.len() <= 1, "duplicate aggregate rows: {rows:?}");
-    rows.first().copied().unwrap_or(0)
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
@@ -779,48 +506,15 @@ async fn shutdown_completes_when_a_sidecar_stops_reading_acks() {
 /// that went away): logging a connected sidecar must not take its stream down.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_closed_stderr_does_not_break_streams() {
-    use std::io::BufRead;
     let (_dir, db) = temp_db();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dialguard"))
-        .args([
-            "serve",
-            "--grpc",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--db",
-        ])
-        .arg(&db)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start dialguard serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut line = String::new();
-    std::io::BufReader::new(stderr)
-        .read_line(&mut line)
-        .expect("the listening line");
+    let (mut serve, stderr) = ServeProcess::start(&db);
     // The reader is dropped here: the pipe closes.
-    let grpc = line
-        .split("grpc=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("grpc address")
-        .to_owned();
-    let channel = bounded(
-        "connecting",
-        Endpoint::from_shared(format!("http://{grpc}"))
-            .expect("endpoint")
-            .connect(),
-    )
-    .await
-    .expect("connect");
-    let mut client = CollectorClient::new(channel);
+    drop(stderr);
+    let mut client = client(serve.grpc).await;
     let mut stream = ReportStream::open(&mut client, "node-a", "vm-1").await;
     stream.send(misrouted_batch(1..=2)).await;
     let ack = stream.next_ack().await;
-    let _ = child.kill();
-    let _ = child.wait();
+    let _ = serve.child.kill();
+    let _ = serve.child.wait();
     assert_eq!(ack.expect("an ack, not a broken stream"), 2);
 }

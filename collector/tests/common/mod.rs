@@ -1,0 +1,387 @@
+//! The harness shared by the collector's integration tests: the real
+//! collector in-process (`dialguard_collector::run`) or as the `dialguard
+//! serve` binary, on loopback port 0 with a temporary SQLite database, the
+//! generated tonic client, the messages a sidecar sends, and the database
+//! read behind the collector's back. Every await is bounded.
+
+// Each test file uses its own part of the harness.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::time::Duration;
+
+use dialguard_collector::{ServeConfig, ServeError};
+use dialguard_proto::v1::collector_client::CollectorClient;
+use dialguard_proto::v1::{
+    CollectorMessage, ConnectionEvent, EventBatch, Hello, SidecarMessage, SocketAddress, Verdict,
+    collector_message, sidecar_message,
+};
+use rusqlite::{Connection, OpenFlags};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Status, Streaming};
+
+/// Bound on every single wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// 2023-11-14T22:13:20Z in nanoseconds since the Unix epoch.
+pub const BASE_NS: u64 = 1_700_000_000_000_000_000;
+
+pub async fn bounded<F: Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {WAIT:?}: {what}"))
+}
+
+// ---------------------------------------------------------------------------
+// The server, in process
+// ---------------------------------------------------------------------------
+
+pub struct Server {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub stop: oneshot::Sender<()>,
+    pub task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl Server {
+    pub async fn start(db: &Path) -> Self {
+        Self::start_with_grace(db, Duration::from_secs(3)).await
+    }
+
+    pub async fn start_with_grace(db: &Path, shutdown_grace: Duration) -> Self {
+        Self::start_with(ServeConfig {
+            shutdown_grace,
+            // The tests' events carry 2023 timestamps: keep them.
+            retention: None,
+            alert_interval: Duration::ZERO,
+            ..ServeConfig::new(db)
+        })
+        .await
+    }
+
+    pub async fn start_with(config: ServeConfig) -> Self {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+        let grpc_addr = grpc.local_addr().expect("grpc addr");
+        let http_addr = http.local_addr().expect("http addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(dialguard_collector::run(grpc, http, config, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            grpc: grpc_addr,
+            http: http_addr,
+            stop,
+            task,
+        }
+    }
+
+    pub async fn client(&self) -> CollectorClient<Channel> {
+        client(self.grpc).await
+    }
+
+    /// Signals shutdown and waits for `run` to return `Ok`.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        bounded("the collector to shut down", self.task)
+            .await
+            .expect("the collector task panicked")
+            .expect("run returned an error");
+    }
+}
+
+/// A client on its own HTTP/2 connection to the collector at `grpc`.
+pub async fn client(grpc: SocketAddr) -> CollectorClient<Channel> {
+    let channel = bounded(
+        "connecting to the collector",
+        Endpoint::from_shared(format!("http://{grpc}"))
+            .expect("endpoint")
+            .connect_timeout(WAIT)
+            .connect(),
+    )
+    .await
+    .expect("connect to the collector");
+    CollectorClient::new(channel)
+}
+
+pub fn temp_db() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("dialguard.db");
+    (dir, db)
+}
+
+// ---------------------------------------------------------------------------
+// The server, as the `dialguard serve` binary
+// ---------------------------------------------------------------------------
+
+/// `dialguard serve` as a child process; killed (SIGKILL, by its PID) when
+/// dropped, so that a failing test leaves nothing behind.
+pub struct ServeProcess {
+    pub child: Child,
+    pub grpc: SocketAddr,
+}
+
+impl ServeProcess {
+    /// Starts `dialguard serve` on loopback port 0 (alert lines on stdout
+    /// discarded) and reads its listening line from stderr. Returns the
+    /// stderr reader positioned after that line: keep draining it, or drop
+    /// it to close the pipe.
+    pub fn start(db: &Path) -> (Self, BufReader<ChildStderr>) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dialguard"))
+            .args([
+                "serve",
+                "--grpc",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+                "--db",
+            ])
+            .arg(db)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start dialguard serve");
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        // Read on a thread so that the wait is bounded.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let read = stderr.read_line(&mut line);
+            let _ = tx.send((read.map(|_| line), stderr));
+        });
+        let mut process = Self {
+            child,
+            grpc: SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
+        let (line, stderr) = rx
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("no listening line from dialguard serve within {WAIT:?}"));
+        let line = line.expect("read the listening line");
+        process.grpc = line
+            .split("grpc=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no grpc address in {line:?}"));
+        (process, stderr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Messages
+// ---------------------------------------------------------------------------
+
+pub fn hello(node_id: &str, vm_instance: &str) -> Hello {
+    Hello {
+        node_id: node_id.into(),
+        vm_instance: vm_instance.into(),
+        pod_name: "reviews-v1-7d9f-abcde".into(),
+        namespace: "bookinfo".into(),
+        workload_name: "reviews-v1".into(),
+        instance_ips: vec!["10.0.1.6".into()],
+        cluster_id: "Kubernetes".into(),
+        istio_version: "1.24.0".into(),
+        filter_version: "test".into(),
+        ..Default::default()
+    }
+}
+
+pub fn hello_message(node_id: &str, vm_instance: &str) -> SidecarMessage {
+    SidecarMessage {
+        kind: Some(sidecar_message::Kind::Hello(hello(node_id, vm_instance))),
+    }
+}
+
+pub const NODE: &str = "sidecar~10.0.1.6~reviews-v1-7d9f-abcde.bookinfo~bookinfo.svc.cluster.local";
+
+pub fn addr(text: &str) -> SocketAddress {
+    SocketAddress::from_socket_addr(text.parse().expect("socket address"))
+}
+
+pub fn event(
+    sequence: u64,
+    verdict: Verdict,
+    dest: &str,
+    upstream: Option<&str>,
+) -> ConnectionEvent {
+    ConnectionEvent {
+        sequence,
+        timestamp_unix_nanos: BASE_NS + sequence * 1_000_000,
+        original_destination: Some(addr(dest)),
+        upstream_host: upstream.map(addr),
+        source: Some(addr("10.0.1.6:40000")),
+        connection_id: 1000 + sequence,
+        cluster_name: "outbound|9080||ratings.bookinfo.svc.cluster.local".into(),
+        filter_chain_name: "0.0.0.0_9080".into(),
+        verdict: verdict as i32,
+        response_flags: 0,
+        upstream_transport_failure_reason: String::new(),
+        intended_service: "ratings.bookinfo.svc.cluster.local".into(),
+        upstream_workload: "ratings-v1;bookinfo;ratings;v1;Kubernetes".into(),
+        enforced: false,
+    }
+}
+
+pub const DEST: &str = "10.0.2.7:9080";
+pub const WRONG_POD: &str = "10.0.3.9:9080";
+
+pub fn misrouted(sequence: u64) -> ConnectionEvent {
+    event(sequence, Verdict::Misrouted, DEST, Some(WRONG_POD))
+}
+
+pub fn batch(events: Vec<ConnectionEvent>) -> SidecarMessage {
+    SidecarMessage {
+        kind: Some(sidecar_message::Kind::Batch(EventBatch {
+            events,
+            dropped_total: 0,
+        })),
+    }
+}
+
+pub fn misrouted_batch(sequences: std::ops::RangeInclusive<u64>) -> SidecarMessage {
+    batch(sequences.map(misrouted).collect())
+}
+
+// ---------------------------------------------------------------------------
+// Streams
+// ---------------------------------------------------------------------------
+
+/// One `Report` stream, as a sidecar VM holds it.
+pub struct ReportStream {
+    pub tx: mpsc::Sender<SidecarMessage>,
+    pub rx: Streaming<CollectorMessage>,
+}
+
+impl ReportStream {
+    /// Opens a stream whose first message is `first` (normally a hello).
+    /// Returns the status instead if the collector refused the call outright.
+    pub async fn open_with(
+        client: &mut CollectorClient<Channel>,
+        first: SidecarMessage,
+    ) -> Result<Self, Status> {
+        let (tx, outbound) = mpsc::channel(16);
+        tx.send(first).await.expect("queue the first message");
+        let response = bounded(
+            "the Report call",
+            client.report(ReceiverStream::new(outbound)),
+        )
+        .await?;
+        Ok(Self {
+            tx,
+            rx: response.into_inner(),
+        })
+    }
+
+    pub async fn open(client: &mut CollectorClient<Channel>, node_id: &str, vm: &str) -> Self {
+        Self::open_with(client, hello_message(node_id, vm))
+            .await
+            .expect("the Report call failed")
+    }
+
+    pub async fn send(&self, message: SidecarMessage) {
+        bounded("sending a message", self.tx.send(message))
+            .await
+            .expect("the request stream is closed");
+    }
+
+    /// The next ack's `through_sequence`, or the status that ended the stream.
+    pub async fn next_ack(&mut self) -> Result<u64, Status> {
+        match bounded("the next ack", self.rx.message()).await? {
+            Some(CollectorMessage {
+                kind: Some(collector_message::Kind::Ack(ack)),
+            }) => Ok(ack.through_sequence),
+            Some(other) => panic!("expected an ack, got {other:?}"),
+            None => panic!("the collector ended the stream without a status"),
+        }
+    }
+
+    /// Sends a batch and waits for its ack.
+    pub async fn send_acked(&mut self, message: SidecarMessage) -> u64 {
+        self.send(message).await;
+        self.next_ack().await.expect("batch not acknowledged")
+    }
+
+    /// Waits for the status that ends the stream; it must be an error.
+    pub async fn error(&mut self) -> Status {
+        match self.next_ack().await {
+            Ok(through) => panic!("expected an error, got an ack through {through}"),
+            Err(status) => status,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The database, read behind the collector's back
+// ---------------------------------------------------------------------------
+
+pub fn read_only(db: &Path) -> Connection {
+    Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .expect("open the database read-only")
+}
+
+pub fn count(db: &Path, sql: &str) -> i64 {
+    read_only(db)
+        .query_row(sql, [], |row| row.get(0))
+        .unwrap_or_else(|err| panic!("{sql}: {err}"))
+}
+
+pub fn stored_events(db: &Path) -> i64 {
+    count(db, "SELECT count(*) FROM events")
+}
+
+pub fn stored_sequences(db: &Path, vm: &str) -> Vec<i64> {
+    let conn = read_only(db);
+    let mut statement = conn
+        .prepare(
+            "SELECT e.sequence FROM events e JOIN sidecars s ON s.id = e.sidecar_id
+             WHERE s.vm_instance = ?1 ORDER BY e.sequence",
+        )
+        .expect("prepare");
+    statement
+        .query_map([vm], |row| row.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+/// The aggregate count of the (DEST, WRONG_POD, misrouted) row; 0 if absent.
+pub fn misrouted_aggregate(db: &Path) -> i64 {
+    let conn = read_only(db);
+    let rows: Vec<i64> = conn
+        .prepare(
+            "SELECT count FROM aggregates
+             WHERE original_destination = ?1 AND upstream_host = ?2 AND verdict = 'misrouted'",
+        )
+        .expect("prepare")
+        .query_map([DEST, WRONG_POD], |row| row.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert!(rows.len() <= 1, "duplicate aggregate rows: {rows:?}");
+    rows.first().copied().unwrap_or(0)
+}
