@@ -1,32 +1,63 @@
 //! The gRPC service every sidecar VM streams to: `Hello` first, then batches,
-//! each acknowledged only after the store committed it.
+//! each acknowledged only after the store committed it. Invalid events are
+//! refused one by one (named in the ack); invalid streams end with a status.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use dialguard_proto::v1::collector_server::Collector;
 use dialguard_proto::v1::{
-    Ack, CollectorMessage, Hello, SidecarMessage, collector_message, sidecar_message,
+    Ack, CollectorMessage, ConnectionEvent, Hello, Rejection, SidecarMessage, collector_message,
+    sidecar_message,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::alert::AlertSink;
-use crate::event::{EventError, ValidEvent};
+use crate::event::ValidEvent;
 use crate::store::{Batch, StoreError, Writer};
+
+/// What one stream, and the server as a whole, may send.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest encoded message (`RESOURCE_EXHAUSTED`/`OUT_OF_RANGE` from tonic beyond it).
+    pub max_message_bytes: usize,
+    /// Most events in one batch (`INVALID_ARGUMENT` beyond it).
+    pub max_batch_events: usize,
+    /// Most streams open at once (`RESOURCE_EXHAUSTED` for the next one).
+    pub max_streams: usize,
+    /// How long a new stream has to send its `hello` (`DEADLINE_EXCEEDED`).
+    pub hello_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 << 20,
+            max_batch_events: 10_000,
+            max_streams: 20_000,
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("the first message of a stream must be `hello`")]
     HelloFirst,
+    #[error("no `hello` within {0:?} of opening the stream")]
+    NoHello(Duration),
     #[error("hello.{0}: required, empty")]
     HelloField(&'static str),
     #[error("`hello` may only be sent once per stream")]
     SecondHello,
     #[error("message has no `kind`: expected `hello` or `batch`")]
     EmptyMessage,
-    #[error(transparent)]
-    Event(#[from] EventError),
+    #[error("batch.events: {events} events, expected at most {max} per batch")]
+    BatchTooLarge { events: usize, max: usize },
+    #[error("the collector serves at most {0} streams at once; retry later")]
+    TooManyStreams(usize),
     #[error("storing the batch failed: {0}")]
     Store(#[from] StoreError),
     #[error("the collector is shutting down")]
@@ -39,7 +70,13 @@ impl From<IngestError> for Status {
         match err {
             IngestError::Store(_) => Status::internal(message),
             IngestError::ShuttingDown => Status::unavailable(message),
-            _ => Status::invalid_argument(message),
+            IngestError::TooManyStreams(_) => Status::resource_exhausted(message),
+            IngestError::NoHello(_) => Status::deadline_exceeded(message),
+            IngestError::HelloFirst
+            | IngestError::HelloField(_)
+            | IngestError::SecondHello
+            | IngestError::EmptyMessage
+            | IngestError::BatchTooLarge { .. } => Status::invalid_argument(message),
         }
     }
 }
@@ -49,14 +86,23 @@ pub struct CollectorService {
     writer: Writer,
     alerts: AlertSink,
     shutdown: watch::Receiver<bool>,
+    limits: Limits,
+    streams: Arc<Semaphore>,
 }
 
 impl CollectorService {
-    pub fn new(writer: Writer, alerts: AlertSink, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        writer: Writer,
+        alerts: AlertSink,
+        limits: Limits,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             writer,
             alerts,
             shutdown,
+            limits,
+            streams: Arc::new(Semaphore::new(limits.max_streams)),
         }
     }
 }
@@ -71,10 +117,14 @@ impl Collector for CollectorService {
         &self,
         request: Request<Streaming<SidecarMessage>>,
     ) -> Result<Response<Self::ReportStream>, Status> {
+        let permit = Arc::clone(&self.streams)
+            .try_acquire_owned()
+            .map_err(|_| IngestError::TooManyStreams(self.limits.max_streams))?;
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let service = self.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(err) = service.serve_stream(inbound, &tx).await {
                 tracing::warn!("stream ended: {err}");
                 let _ = tx.send(Err(err.into())).await;
@@ -84,19 +134,26 @@ impl Collector for CollectorService {
     }
 }
 
+/// What the inbound side of a stream yielded.
+enum Next {
+    Message(Box<sidecar_message::Kind>),
+    /// The sidecar closed its side cleanly.
+    End,
+    /// The transport broke (the sidecar went away); nothing to answer.
+    Broken(Status),
+}
+
 impl CollectorService {
-    async fn next(
-        &mut self,
-        inbound: &mut Streaming<SidecarMessage>,
-    ) -> Result<Option<sidecar_message::Kind>, Result<IngestError, Status>> {
+    async fn next(&mut self, inbound: &mut Streaming<SidecarMessage>) -> Result<Next, IngestError> {
         let message = tokio::select! {
-            message = inbound.message() => message.map_err(Err)?,
-            _ = self.shutdown.wait_for(|stop| *stop) => return Err(Ok(IngestError::ShuttingDown)),
+            message = inbound.message() => message,
+            _ = self.shutdown.wait_for(|stop| *stop) => return Err(IngestError::ShuttingDown),
         };
         match message {
-            None => Ok(None),
-            Some(SidecarMessage { kind: None }) => Err(Ok(IngestError::EmptyMessage)),
-            Some(SidecarMessage { kind: Some(kind) }) => Ok(Some(kind)),
+            Err(status) => Ok(Next::Broken(status)),
+            Ok(None) => Ok(Next::End),
+            Ok(Some(SidecarMessage { kind: None })) => Err(IngestError::EmptyMessage),
+            Ok(Some(SidecarMessage { kind: Some(kind) })) => Ok(Next::Message(Box::new(kind))),
         }
     }
 
@@ -105,49 +162,88 @@ impl CollectorService {
         mut inbound: Streaming<SidecarMessage>,
         tx: &Outbound,
     ) -> Result<(), IngestError> {
-        let hello = match self.next(&mut inbound).await {
-            Ok(Some(sidecar_message::Kind::Hello(hello))) => Arc::new(validate_hello(hello)?),
-            Ok(Some(_)) => return Err(IngestError::HelloFirst),
-            Ok(None) => return Ok(()),
-            Err(Err(status)) => {
+        let first = tokio::time::timeout(self.limits.hello_timeout, self.next(&mut inbound))
+            .await
+            .map_err(|_| IngestError::NoHello(self.limits.hello_timeout))??;
+        let hello = match first {
+            Next::Message(kind) => match *kind {
+                sidecar_message::Kind::Hello(hello) => Arc::new(validate_hello(hello)?),
+                sidecar_message::Kind::Batch(_) => return Err(IngestError::HelloFirst),
+            },
+            Next::End => return Ok(()),
+            Next::Broken(status) => {
+                // A status from the transport itself (an oversized or
+                // undecodable message) goes back to the sidecar as it is.
                 tracing::debug!("stream broken before hello: {status}");
+                let _ = tx.send(Err(status)).await;
                 return Ok(());
             }
-            Err(Ok(err)) => return Err(err),
         };
         tracing::info!(node = %hello.node_id, vm = %hello.vm_instance, "sidecar connected");
+        self.writer
+            .seen(Arc::clone(&hello), crate::time::now_unix_nanos())
+            .await?;
+        let result = self.serve_batches(&hello, &mut inbound, tx).await;
+        // The directory remembers when the pod was last connected.
+        let _ = self
+            .writer
+            .seen(Arc::clone(&hello), crate::time::now_unix_nanos())
+            .await;
+        result
+    }
+
+    async fn serve_batches(
+        &mut self,
+        hello: &Arc<Hello>,
+        inbound: &mut Streaming<SidecarMessage>,
+        tx: &Outbound,
+    ) -> Result<(), IngestError> {
         loop {
-            let batch = match self.next(&mut inbound).await {
-                Ok(Some(sidecar_message::Kind::Batch(batch))) => batch,
-                Ok(Some(sidecar_message::Kind::Hello(_))) => return Err(IngestError::SecondHello),
-                Ok(None) => return Ok(()),
-                // Transport errors: the sidecar went away; nothing to answer.
-                Err(Err(status)) => {
+            let batch = match self.next(inbound).await? {
+                Next::Message(kind) => match *kind {
+                    sidecar_message::Kind::Batch(batch) => batch,
+                    sidecar_message::Kind::Hello(_) => return Err(IngestError::SecondHello),
+                },
+                Next::End => return Ok(()),
+                Next::Broken(status) => {
                     tracing::debug!(node = %hello.node_id, "stream broken: {status}");
+                    let _ = tx.send(Err(status)).await;
                     return Ok(());
                 }
-                Err(Ok(err)) => return Err(err),
             };
+            if batch.events.len() > self.limits.max_batch_events {
+                return Err(IngestError::BatchTooLarge {
+                    events: batch.events.len(),
+                    max: self.limits.max_batch_events,
+                });
+            }
             let through = batch.events.iter().map(|e| e.sequence).max().unwrap_or(0);
-            let events = batch
-                .events
-                .into_iter()
-                .enumerate()
-                .map(|(index, raw)| ValidEvent::validate(index, raw))
-                .collect::<Result<Vec<_>, _>>()?;
+            let (events, rejected) = validate_events(batch.events);
+            if let Some(first) = rejected.first() {
+                tracing::warn!(
+                    node = %hello.node_id,
+                    vm = %hello.vm_instance,
+                    "refused {} events of a batch, e.g. sequence {}: {}",
+                    rejected.len(),
+                    first.sequence,
+                    first.message
+                );
+            }
             let committed = self
                 .writer
                 .commit(Batch {
-                    sidecar: Arc::clone(&hello),
+                    sidecar: Arc::clone(hello),
                     events,
+                    rejected: rejected.len() as u64,
                     dropped_total: batch.dropped_total,
                     received_ns: crate::time::now_unix_nanos(),
                 })
                 .await?;
-            self.alerts.misrouted(&hello, &committed.new_events);
+            self.alerts.misrouted(hello, &committed.new_events);
             let ack = CollectorMessage {
                 kind: Some(collector_message::Kind::Ack(Ack {
                     through_sequence: through,
+                    rejected,
                 })),
             };
             // A sidecar that stops reading acks must not hold up shutdown.
@@ -157,6 +253,26 @@ impl CollectorService {
             }
         }
     }
+}
+
+/// Splits a batch into the events to store and the ones refused, each
+/// refusal naming the field and what was expected. One bad event never costs
+/// the others of its batch.
+fn validate_events(raw: Vec<ConnectionEvent>) -> (Vec<ValidEvent>, Vec<Rejection>) {
+    let mut events = Vec::with_capacity(raw.len());
+    let mut rejected = Vec::new();
+    for (index, event) in raw.into_iter().enumerate() {
+        let sequence = event.sequence;
+        match ValidEvent::validate(index, event) {
+            Ok(event) => events.push(event),
+            Err(err) => rejected.push(Rejection {
+                sequence,
+                code: Code::InvalidArgument as i32,
+                message: err.to_string(),
+            }),
+        }
+    }
+    (events, rejected)
 }
 
 fn validate_hello(hello: Hello) -> Result<Hello, IngestError> {

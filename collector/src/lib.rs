@@ -25,10 +25,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::alert::AlertSink;
 use crate::ingest::CollectorService;
-use crate::store::{StoreError, Writer};
-
-/// Largest message the collector accepts from a sidecar.
-pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+pub use crate::ingest::Limits;
+use crate::store::{StoreError, Writer, WriterConfig};
 
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -37,7 +35,35 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// The filter module to serve to sidecars, if any.
     pub module: Option<http::Module>,
+    pub limits: Limits,
+    /// Events, aggregate rows and directory entries last seen longer ago
+    /// than this are deleted in the background; `None` keeps everything.
+    pub retention: Option<Duration>,
+    /// How often retention runs (also once at startup).
+    pub retention_every: Duration,
+    /// At most one alert line per aggregation key per this interval.
+    pub alert_interval: Duration,
+    pub writer: WriterConfig,
 }
+
+impl ServeConfig {
+    /// The defaults of `dialguard serve` for a database at `db_path`.
+    pub fn new(db_path: impl Into<PathBuf>) -> Self {
+        Self {
+            db_path: db_path.into(),
+            shutdown_grace: Duration::from_secs(10),
+            module: None,
+            limits: Limits::default(),
+            retention: Some(DEFAULT_RETENTION),
+            retention_every: Duration::from_secs(600),
+            alert_interval: Duration::from_secs(60),
+            writer: WriterConfig::default(),
+        }
+    }
+}
+
+/// `--retention` when not given: 30 days.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -58,12 +84,26 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let conn = store::open_for_writing(&config.db_path)?;
-    let (writer, writer_thread) = Writer::start(conn);
+    let (writer, writer_thread) = Writer::start(conn, config.writer);
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let service = CollectorService::new(writer, AlertSink, stop_rx.clone());
+    let alerts = AlertSink::new(config.alert_interval);
+    let background = tokio::spawn(background(
+        writer.clone(),
+        alerts.clone(),
+        config.clone(),
+        stop_rx.clone(),
+    ));
+    let limits = config.limits;
+    let service = CollectorService::new(writer, alerts, limits, stop_rx.clone());
     let grpc_server = tonic::transport::Server::builder()
-        .add_service(CollectorServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        // Dead sidecars (a node gone without a FIN) must not hold a stream slot forever.
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(
+            CollectorServer::new(service).max_decoding_message_size(limits.max_message_bytes),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
     let http_server = axum::serve(
         http,
@@ -90,6 +130,7 @@ pub async fn run(
         Ok(Err(join)) => Err(ServeError::Http(std::io::Error::other(join))),
         Err(_) => Ok(()),
     };
+    let _ = background.await;
     // The writer thread ends once every stream task has dropped its handle;
     // commits already queued finish first. A connection that outlives the
     // grace period is abandoned: what it did not get acknowledged, the
@@ -99,6 +140,47 @@ pub async fn run(
         tracing::warn!("streams still open after {grace:?}; stopping without them");
     }
     grpc_result.and(http_result)
+}
+
+/// Retention passes and alert sweeps, until shutdown.
+async fn background(
+    writer: Writer,
+    alerts: AlertSink,
+    config: ServeConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut retention = tokio::time::interval(config.retention_every);
+    let mut sweep = tokio::time::interval(config.alert_interval.max(Duration::from_secs(1)));
+    let mut stopping = stop.clone();
+    retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let retain = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = sweep.tick() => {
+                alerts.sweep();
+                continue;
+            }
+            _ = retention.tick() => config.retention,
+        };
+        let Some(keep) = retain else { continue };
+        let cutoff = crate::time::now_unix_nanos().saturating_sub(keep.as_nanos() as u64);
+        let expired = tokio::select! {
+            expired = writer.expire(cutoff) => expired,
+            _ = stopping.wait_for(|s| *s) => return,
+        };
+        match expired {
+            Ok(expired) if expired != store::Expired::default() => {
+                tracing::info!(
+                    ?expired,
+                    "retention: removed what is older than {}",
+                    humantime::format_duration(keep)
+                );
+            }
+            Ok(_) => {}
+            Err(err) => tracing::error!("retention pass failed: {err}"),
+        }
+    }
 }
 
 async fn stopped(mut stop: watch::Receiver<bool>) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use dialguard_collector::http::Module;
-use dialguard_collector::{ServeConfig, report, store};
+use dialguard_collector::{Limits, ServeConfig, report, store};
 use dialguard_envoyfilter::rollout::{self, CollectorManifests, RolloutArgs};
 
 #[derive(Debug, Parser)]
@@ -27,21 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Receive events from sidecars, store them and print alerts (JSON lines on stdout).
-    Serve {
-        /// gRPC listen address for sidecar streams.
-        #[arg(long, default_value = "127.0.0.1:50051")]
-        grpc: SocketAddr,
-        /// HTTP listen address (health, report API).
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        http: SocketAddr,
-        /// SQLite database file; created if missing.
-        #[arg(long)]
-        db: PathBuf,
-        /// The filter module to serve at /module/dialguard_filter.wasm (its
-        /// SHA-256 is printed at startup, for `rollout --module-sha256`).
-        #[arg(long)]
-        module: Option<PathBuf>,
-    },
+    Serve(ServeFlags),
     /// Print the Kubernetes resources (EnvoyFilter or WasmPlugin, and
     /// optionally the collector) that install dialguard in selected namespaces.
     Rollout(RolloutFlags),
@@ -64,6 +50,62 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeFlags {
+    /// gRPC listen address for sidecar streams.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    grpc: SocketAddr,
+    /// HTTP listen address (health, report API).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// SQLite database file; created if missing.
+    #[arg(long)]
+    db: PathBuf,
+    /// The filter module to serve at /module/dialguard_filter.wasm (its
+    /// SHA-256 is printed at startup, for `rollout --module-sha256`).
+    #[arg(long)]
+    module: Option<PathBuf>,
+    /// Delete events, report rows and directory entries last seen longer ago
+    /// than this (e.g. 30d, 12h); `off` keeps everything.
+    #[arg(long, default_value = "30d", value_parser = parse_retention)]
+    retention: Retention,
+    /// Most sidecar streams open at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = Limits::default().max_streams)]
+    max_streams: usize,
+    /// Most events in one batch; a larger batch gets INVALID_ARGUMENT.
+    #[arg(long, default_value_t = Limits::default().max_batch_events)]
+    max_batch_events: usize,
+    /// Largest message from a sidecar, in bytes.
+    #[arg(long, default_value_t = Limits::default().max_message_bytes)]
+    max_message_bytes: usize,
+    /// How long a new stream has to identify itself (e.g. 10s).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    hello_timeout: Duration,
+    /// At most one alert line per (source, dialed, reached, cluster) per this
+    /// interval; the next line counts the ones held back. 0s prints every one.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    alert_interval: Duration,
+    /// How long open streams get to finish on SIGTERM/SIGINT.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Retention(Option<Duration>);
+
+fn parse_retention(text: &str) -> Result<Retention, String> {
+    if text == "off" {
+        return Ok(Retention(None));
+    }
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(Retention(Some(d))),
+        Ok(_) => Err("expected a positive duration such as 30d, or `off`".into()),
+        Err(err) => Err(format!(
+            "expected a duration such as 30d or 12h, or `off`: {err}"
+        )),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -158,15 +200,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve {
-            grpc,
-            http,
-            db,
-            module,
-        } => {
-            let module = module.map(|path| Module::load(&path)).transpose()?;
+        Command::Serve(flags) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(serve(grpc, http, db, module))
+            runtime.block_on(serve(flags))
         }
         Command::Rollout(flags) => rollout(flags),
         Command::Analyze { file, format } => analyze_file(&file, format),
@@ -182,12 +218,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(
-    grpc: SocketAddr,
-    http: SocketAddr,
-    db: PathBuf,
-    module: Option<Module>,
-) -> anyhow::Result<()> {
+async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
+    let module = flags
+        .module
+        .as_deref()
+        .map(Module::load)
+        .transpose()
+        .context("--module")?;
+    let config = ServeConfig {
+        shutdown_grace: flags.shutdown_grace,
+        module,
+        limits: Limits {
+            max_message_bytes: flags.max_message_bytes,
+            max_batch_events: flags.max_batch_events,
+            max_streams: flags.max_streams,
+            hello_timeout: flags.hello_timeout,
+        },
+        retention: flags.retention.0,
+        alert_interval: flags.alert_interval,
+        ..ServeConfig::new(flags.db)
+    };
+    let (grpc, http) = (flags.grpc, flags.http);
     let grpc = tokio::net::TcpListener::bind(grpc)
         .await
         .with_context(|| format!("--grpc {grpc}: cannot listen"))?;
@@ -199,9 +250,9 @@ async fn serve(
         "dialguard: listening grpc={} http={} db={}",
         grpc.local_addr()?,
         http.local_addr()?,
-        db.display()
+        config.db_path.display()
     );
-    if let Some(module) = &module {
+    if let Some(module) = &config.module {
         eprintln!(
             "dialguard: serving module sha256={} at http://{}{}",
             module.sha256,
@@ -209,11 +260,6 @@ async fn serve(
             dialguard_collector::http::MODULE_PATH
         );
     }
-    let config = ServeConfig {
-        db_path: db,
-        shutdown_grace: Duration::from_secs(5),
-        module,
-    };
     dialguard_collector::run(grpc, http, config, shutdown_signal()).await?;
     Ok(())
 }

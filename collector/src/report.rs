@@ -2,11 +2,14 @@
 //! destination, upstream host, cluster, verdict), from the exact aggregates.
 //! The JSON shape is documented in docs/report.md and kept stable.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use rusqlite::Connection;
 use serde::Serialize;
 
-use crate::store::{self, StoreError};
+use crate::store::{self, DirectoryEntry, StoreError};
 use crate::time::rfc3339;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -24,6 +27,31 @@ pub struct ReportRow {
     pub count: u64,
     pub first_seen: String,
     pub last_seen: String,
+    /// The pod that owns the dialed address, from the directory of
+    /// connected sidecars; null when no sidecar announced that IP.
+    #[serde(default)]
+    pub intended: Option<Intended>,
+    /// The service whose listener captured the connection (the cluster's
+    /// `istio.services`); empty when the cluster carries none.
+    #[serde(default)]
+    pub capturing_service: String,
+    /// The upstream host's `istio.workload` as the filter read it; empty when unknown.
+    #[serde(default)]
+    pub upstream_workload: String,
+    /// The row in one sentence.
+    #[serde(default)]
+    pub summary: String,
+}
+
+/// Who the application meant to reach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Intended {
+    pub pod: String,
+    pub namespace: String,
+    pub workload: String,
+    /// When that pod's sidecar was last connected.
+    pub last_seen: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -33,13 +61,22 @@ pub struct Report {
     /// Events sidecars dropped before sending (their buffer was full): a gap
     /// in the rows' counts.
     pub dropped_events: u64,
+    /// Events the collector refused (invalid fields): not in the counts.
+    #[serde(default)]
+    pub rejected_events: u64,
+    /// Events counted in the rows whose raw record was not kept because the
+    /// collector was behind (raw rows are sampled then; counts stay exact).
+    #[serde(default)]
+    pub sampled_out_events: u64,
 }
 
 /// Reads the report; misrouted rows first, then by count.
 pub fn query(conn: &Connection) -> Result<Report, StoreError> {
+    let directory = store::directory(conn)?;
     let mut statement = conn.prepare(
         "SELECT source_workload, source_namespace, original_destination, upstream_host,
-                cluster, verdict, count, first_seen_ns, last_seen_ns
+                cluster, verdict, count, first_seen_ns, last_seen_ns, capturing_service,
+                upstream_workload
          FROM aggregates
          ORDER BY verdict = 'misrouted' DESC, count DESC, original_destination",
     )?;
@@ -59,13 +96,80 @@ pub fn query(conn: &Connection) -> Result<Report, StoreError> {
                 count: count.max(0) as u64,
                 first_seen: rfc3339(first.max(0) as u64),
                 last_seen: rfc3339(last.max(0) as u64),
+                intended: None,
+                capturing_service: row.get(9)?,
+                upstream_workload: row.get(10)?,
+                summary: String::new(),
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
+    let rows = rows
+        .into_iter()
+        .map(|row| enrich(row, &directory))
+        .collect();
+    let gaps = store::gaps(conn)?;
     Ok(Report {
         rows,
-        dropped_events: store::total_dropped(conn)?,
+        dropped_events: gaps.dropped,
+        rejected_events: gaps.rejected,
+        sampled_out_events: gaps.sampled_out,
     })
+}
+
+/// Adds the owner of the dialed address and the one-sentence summary.
+fn enrich(mut row: ReportRow, directory: &HashMap<IpAddr, DirectoryEntry>) -> ReportRow {
+    let dialed_ip = row
+        .original_destination
+        .parse::<SocketAddr>()
+        .ok()
+        .map(|a| a.ip());
+    row.intended = dialed_ip
+        .and_then(|ip| directory.get(&ip))
+        .map(|entry| Intended {
+            pod: entry.pod_name.clone(),
+            namespace: entry.namespace.clone(),
+            workload: entry.workload_name.clone(),
+            last_seen: rfc3339(entry.last_seen_ns),
+        });
+    row.summary = summary(&row);
+    row
+}
+
+/// "manager/manager dialed pod manager-7948-sh7rx (10.0.1.7:5701) and
+/// reached 10.96.3.4:5701 through outbound|5701||app-ext.app.svc.cluster.local".
+fn summary(row: &ReportRow) -> String {
+    let source = format!("{}/{}", row.source_namespace, row.source_workload);
+    let dialed = match &row.intended {
+        Some(pod) => format!(
+            "pod {}/{} ({})",
+            pod.namespace, pod.pod, row.original_destination
+        ),
+        None => row.original_destination.clone(),
+    };
+    let reached = match &row.upstream_host {
+        Some(host) if row.upstream_workload.is_empty() => format!("reached {host}"),
+        Some(host) => format!("reached {host} ({})", workload_name(&row.upstream_workload)),
+        None => "reached no host".to_string(),
+    };
+    let captured = if row.capturing_service.is_empty() {
+        String::new()
+    } else {
+        format!(", captured by service {}", row.capturing_service)
+    };
+    format!(
+        "{source} dialed {dialed} and {reached} through {}{captured}",
+        row.cluster
+    )
+}
+
+/// `istio.workload` is "name;namespace;canonical-service;revision;cluster":
+/// "namespace/name" reads better.
+fn workload_name(istio_workload: &str) -> String {
+    let mut parts = istio_workload.split(';');
+    match (parts.next(), parts.next()) {
+        (Some(name), Some(namespace)) if !namespace.is_empty() => format!("{namespace}/{name}"),
+        _ => istio_workload.to_string(),
+    }
 }
 
 /// A table for people.
@@ -75,8 +179,9 @@ pub fn render_table(report: &Report) -> String {
         "verdict",
         "source (ns/workload)",
         "dialed",
+        "meant to reach",
         "reached",
-        "cluster",
+        "cluster (service)",
         "count",
         "first seen",
         "last seen",
@@ -86,8 +191,16 @@ pub fn render_table(report: &Report) -> String {
             row.verdict.clone(),
             format!("{}/{}", row.source_namespace, row.source_workload),
             row.original_destination.clone(),
+            row.intended
+                .as_ref()
+                .map(|pod| format!("{}/{}", pod.namespace, pod.pod))
+                .unwrap_or_else(|| "-".into()),
             row.upstream_host.clone().unwrap_or_else(|| "(none)".into()),
-            row.cluster.clone(),
+            if row.capturing_service.is_empty() {
+                row.cluster.clone()
+            } else {
+                format!("{}\n({})", row.cluster, row.capturing_service)
+            },
             row.count.to_string(),
             row.first_seen.clone(),
             row.last_seen.clone(),
@@ -97,6 +210,18 @@ pub fn render_table(report: &Report) -> String {
     out.push('\n');
     if report.rows.is_empty() {
         out.push_str("no misrouted or blackholed connections recorded\n");
+    }
+    if report.rejected_events > 0 {
+        out.push_str(&format!(
+            "warning: the collector refused {} invalid events; counts above miss them\n",
+            report.rejected_events
+        ));
+    }
+    if report.sampled_out_events > 0 {
+        out.push_str(&format!(
+            "note: {} events are counted above but their raw records were sampled out while the collector was behind\n",
+            report.sampled_out_events
+        ));
     }
     if report.dropped_events > 0 {
         out.push_str(&format!(

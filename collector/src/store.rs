@@ -3,8 +3,12 @@
 //! (group commit); each batch's sender learns only after the commit, so an
 //! acknowledgement always means "on disk". Readers open their own connections.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use dialguard_proto::v1::Hello;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -64,6 +68,29 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE events ADD COLUMN upstream_workload TEXT NOT NULL DEFAULT '';",
     // 3: enforce mode closed the connection.
     "ALTER TABLE events ADD COLUMN enforced INTEGER NOT NULL DEFAULT 0;",
+    // 4: per-VM high-water mark (dedupe without a raw row, so raw rows can be
+    // sampled), rejected events, the pod-IP directory, what the report needs
+    // to say who meant to reach whom, and an index for retention.
+    "ALTER TABLE sidecars ADD COLUMN committed_through INTEGER NOT NULL DEFAULT 0;
+     UPDATE sidecars SET committed_through =
+        coalesce((SELECT max(sequence) FROM events WHERE sidecar_id = sidecars.id), 0);
+     ALTER TABLE sidecars ADD COLUMN rejected_total INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE aggregates ADD COLUMN capturing_service TEXT NOT NULL DEFAULT '';
+     ALTER TABLE aggregates ADD COLUMN upstream_workload TEXT NOT NULL DEFAULT '';
+     CREATE TABLE directory (
+        ip TEXT PRIMARY KEY,
+        pod_name TEXT NOT NULL,
+        namespace TEXT NOT NULL,
+        workload_name TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        first_seen_ns INTEGER NOT NULL,
+        last_seen_ns INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE totals (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE INDEX events_by_time ON events (timestamp_ns);",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -148,47 +175,94 @@ pub fn open_for_reading(path: &Path) -> Result<Connection, StoreError> {
 /// A batch from one sidecar VM, to be committed.
 #[derive(Debug)]
 pub struct Batch {
-    pub sidecar: std::sync::Arc<Hello>,
+    pub sidecar: Arc<Hello>,
+    /// The valid events, in the order sent (sequences ascending).
     pub events: Vec<ValidEvent>,
+    /// Events of this batch that validation refused: acknowledged, counted, not stored.
+    pub rejected: u64,
     pub dropped_total: u64,
     pub received_ns: u64,
 }
 
-/// What a commit did: the events stored for the first time (duplicates are
-/// left out, so alerts fire once).
+/// What a commit did: the events seen for the first time (resends are left
+/// out, so alerts fire once).
 #[derive(Debug, Default)]
 pub struct Committed {
     pub new_events: Vec<ValidEvent>,
 }
 
-struct WriteRequest {
-    batch: Batch,
-    reply: oneshot::Sender<Result<Committed, String>>,
+/// What one retention pass removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    pub events: u64,
+    pub aggregates: u64,
+    pub directory: u64,
+    pub sidecars: u64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+enum Request {
+    Commit {
+        batch: Batch,
+        queued: Instant,
+        reply: Reply<Committed>,
+    },
+    /// A sidecar identified itself or went away: refresh its directory entries.
+    Seen { sidecar: Arc<Hello>, at_ns: u64 },
+    /// Remove what is older than the cutoff, a chunk at a time between commits.
+    Expire {
+        cutoff_ns: u64,
+        reply: Reply<Expired>,
+    },
+}
+
+/// How the writer thread behaves under load.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Batches that waited longer than this for the writer mean it cannot keep
+    /// up: raw rows are then sampled (aggregates stay exact).
+    pub overloaded_after: Duration,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            overloaded_after: Duration::from_millis(250),
+        }
+    }
 }
 
 /// The handle that ingest uses to commit batches.
 #[derive(Clone, Debug)]
 pub struct Writer {
-    tx: mpsc::Sender<WriteRequest>,
+    tx: mpsc::Sender<Request>,
 }
 
-impl std::fmt::Debug for WriteRequest {
+impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WriteRequest").finish_non_exhaustive()
+        f.debug_struct("Request").finish_non_exhaustive()
     }
 }
 
 /// Most batches committed in one transaction.
 const GROUP_COMMIT_MAX: usize = 256;
+/// Distinct aggregation keys summed in memory before they are written out:
+/// bounds memory whatever the spread of the input.
+const MAX_AGGREGATE_KEYS: usize = 16_384;
+/// Raw rows kept under the heaviest overload: one in this many.
+const MAX_KEEP_EVERY: u64 = 64;
+/// Rows deleted per retention transaction, so commits interleave.
+const EXPIRE_CHUNK: usize = 20_000;
 
 impl Writer {
     /// Starts the writer thread on an opened connection. The thread ends once
     /// every `Writer` clone is dropped and the queue is drained.
-    pub fn start(conn: Connection) -> (Self, thread::JoinHandle<()>) {
+    pub fn start(conn: Connection, config: WriterConfig) -> (Self, thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(1024);
         let handle = thread::Builder::new()
             .name("dialguard-store".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || WriterThread::new(conn, config).run(rx))
             .unwrap_or_else(|err| {
                 // Without a writer thread nothing can be stored: fail loudly at startup.
                 tracing::error!("cannot start the store writer thread: {err}");
@@ -197,54 +271,359 @@ impl Writer {
         (Self { tx }, handle)
     }
 
-    /// Commits the batch; returns after it is durable.
-    pub async fn commit(&self, batch: Batch) -> Result<Committed, StoreError> {
+    async fn ask<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
         let (reply, done) = oneshot::channel();
         self.tx
-            .send(WriteRequest { batch, reply })
+            .send(request(reply))
             .await
             .map_err(|_| StoreError::WriterGone)?;
         match done.await {
-            Ok(Ok(committed)) => Ok(committed),
+            Ok(Ok(value)) => Ok(value),
             Ok(Err(message)) => Err(StoreError::Commit(message)),
             Err(_) => Err(StoreError::WriterGone),
         }
     }
+
+    /// Commits the batch; returns after it is durable.
+    pub async fn commit(&self, batch: Batch) -> Result<Committed, StoreError> {
+        let queued = Instant::now();
+        self.ask(|reply| Request::Commit {
+            batch,
+            queued,
+            reply,
+        })
+        .await
+    }
+
+    /// Records that the sidecar was connected at `at_ns` (directory, last seen).
+    pub async fn seen(&self, sidecar: Arc<Hello>, at_ns: u64) -> Result<(), StoreError> {
+        self.tx
+            .send(Request::Seen { sidecar, at_ns })
+            .await
+            .map_err(|_| StoreError::WriterGone)
+    }
+
+    /// Deletes events, aggregate rows, directory entries and idle sidecars
+    /// last seen before `cutoff_ns`; returns when all are gone.
+    pub async fn expire(&self, cutoff_ns: u64) -> Result<Expired, StoreError> {
+        self.ask(|reply| Request::Expire { cutoff_ns, reply }).await
+    }
 }
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteRequest>) {
-    let mut pending = Vec::with_capacity(GROUP_COMMIT_MAX);
-    while let Some(first) = rx.blocking_recv() {
-        pending.push(first);
-        while pending.len() < GROUP_COMMIT_MAX {
-            match rx.try_recv() {
-                Ok(request) => pending.push(request),
-                Err(_) => break,
+/// Raw-row sampling: one row in `keep_every` is stored while the writer is
+/// behind; doubles while batches wait too long, halves once they no longer do.
+/// A single stall (a checkpoint, a reader's lock) is not overload: only
+/// `OVERLOADED_GROUPS` slow commit groups in a row are.
+#[derive(Debug)]
+struct Sampler {
+    keep_every: u64,
+    overloaded_after: Duration,
+    slow_groups: u32,
+}
+
+/// Consecutive commit groups whose batches waited too long before sampling starts.
+const OVERLOADED_GROUPS: u32 = 3;
+
+impl Sampler {
+    fn adjust(&mut self, longest_wait: Duration) {
+        let before = self.keep_every;
+        if longest_wait > self.overloaded_after {
+            self.slow_groups += 1;
+            if self.slow_groups >= OVERLOADED_GROUPS {
+                self.keep_every = (self.keep_every * 2).min(MAX_KEEP_EVERY);
+            }
+        } else {
+            self.slow_groups = 0;
+            if longest_wait < self.overloaded_after / 4 {
+                self.keep_every = (self.keep_every / 2).max(1);
             }
         }
-        let result = commit_group(&mut conn, pending.iter().map(|r| &r.batch));
+        if before != self.keep_every {
+            tracing::warn!(
+                "store {}: keeping 1 raw event row in {} (aggregates stay exact; batches waited {longest_wait:?})",
+                if self.keep_every > before {
+                    "behind"
+                } else {
+                    "catching up"
+                },
+                self.keep_every
+            );
+        }
+    }
+
+    fn keeps(&self, sequence: u64) -> bool {
+        sequence % self.keep_every == 0
+    }
+}
+
+struct PendingExpiry {
+    cutoff_ns: u64,
+    done: Expired,
+    reply: Reply<Expired>,
+}
+
+struct WriterThread {
+    conn: Connection,
+    sampler: Sampler,
+    expiring: Option<PendingExpiry>,
+}
+
+impl WriterThread {
+    fn new(conn: Connection, config: WriterConfig) -> Self {
+        Self {
+            conn,
+            sampler: Sampler {
+                keep_every: 1,
+                overloaded_after: config.overloaded_after,
+                slow_groups: 0,
+            },
+            expiring: None,
+        }
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let mut commits = Vec::with_capacity(GROUP_COMMIT_MAX);
+        loop {
+            // Retention works only while nothing else waits.
+            let first = match rx.try_recv() {
+                Ok(request) => request,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) if self.expiring.is_some() => {
+                    self.expire_chunk();
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => match rx.blocking_recv() {
+                    Some(request) => request,
+                    None => break,
+                },
+            };
+            let mut next = Some(first);
+            while let Some(request) = next.take() {
+                match request {
+                    Request::Commit {
+                        batch,
+                        queued,
+                        reply,
+                    } => commits.push((batch, queued, reply)),
+                    Request::Seen { sidecar, at_ns } => {
+                        if let Err(err) = record_seen(&mut self.conn, &sidecar, at_ns) {
+                            tracing::error!("directory update failed: {err}");
+                        }
+                    }
+                    Request::Expire { cutoff_ns, reply } => self.start_expiry(cutoff_ns, reply),
+                }
+                if commits.len() < GROUP_COMMIT_MAX {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !commits.is_empty() {
+                self.commit_group(&mut commits);
+            }
+        }
+        if let Some(expiry) = self.expiring.take() {
+            let _ = expiry.reply.send(Err("the store's writer stopped".into()));
+        }
+    }
+
+    fn commit_group(&mut self, commits: &mut Vec<(Batch, Instant, Reply<Committed>)>) {
+        let longest_wait = commits
+            .iter()
+            .map(|(_, queued, _)| queued.elapsed())
+            .max()
+            .unwrap_or_default();
+        self.sampler.adjust(longest_wait);
+        let result = commit_group(&mut self.conn, &self.sampler, commits.iter().map(|c| &c.0));
         match result {
-            Ok(committed) => {
-                for (request, committed) in pending.drain(..).zip(committed) {
-                    let _ = request.reply.send(Ok(committed));
+            Ok(new_flags) => {
+                for ((batch, _, reply), is_new) in commits.drain(..).zip(new_flags) {
+                    let new_events = batch
+                        .events
+                        .into_iter()
+                        .zip(is_new)
+                        .filter_map(|(event, new)| new.then_some(event))
+                        .collect();
+                    let _ = reply.send(Ok(Committed { new_events }));
                 }
             }
             Err(err) => {
                 tracing::error!("commit failed: {err}");
-                for request in pending.drain(..) {
-                    let _ = request.reply.send(Err(err.to_string()));
+                for (_, _, reply) in commits.drain(..) {
+                    let _ = reply.send(Err(err.to_string()));
                 }
+            }
+        }
+    }
+
+    fn start_expiry(&mut self, cutoff_ns: u64, reply: Reply<Expired>) {
+        if let Some(previous) = self.expiring.take() {
+            // A newer cutoff supersedes the older one; report what was done so far.
+            let _ = previous.reply.send(Ok(previous.done));
+        }
+        self.expiring = Some(PendingExpiry {
+            cutoff_ns,
+            done: Expired::default(),
+            reply,
+        });
+    }
+
+    fn expire_chunk(&mut self) {
+        let Some(mut expiry) = self.expiring.take() else {
+            return;
+        };
+        match expire_chunk(&mut self.conn, expiry.cutoff_ns, &mut expiry.done) {
+            Ok(true) => {
+                let _ = expiry.reply.send(Ok(expiry.done));
+            }
+            Ok(false) => self.expiring = Some(expiry),
+            Err(err) => {
+                tracing::error!("retention pass failed: {err}");
+                let _ = expiry.reply.send(Err(err.to_string()));
             }
         }
     }
 }
 
+fn record_seen(conn: &mut Connection, sidecar: &Hello, at_ns: u64) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO directory (ip, pod_name, namespace, workload_name, node_id,
+                first_seen_ns, last_seen_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+             ON CONFLICT (ip) DO UPDATE SET
+                pod_name = excluded.pod_name,
+                namespace = excluded.namespace,
+                workload_name = excluded.workload_name,
+                node_id = excluded.node_id,
+                last_seen_ns = max(last_seen_ns, excluded.last_seen_ns)",
+        )?;
+        for ip in &sidecar.instance_ips {
+            // An address that does not parse is kept out of the directory:
+            // it could never match a dialed address anyway.
+            let Ok(ip) = ip.trim().parse::<IpAddr>() else {
+                continue;
+            };
+            upsert.execute(params![
+                ip.to_string(),
+                sidecar.pod_name,
+                sidecar.namespace,
+                sidecar.workload_name,
+                sidecar.node_id,
+                as_sql_int(at_ns),
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+/// Deletes one chunk of each kind; `Ok(true)` once nothing older is left.
+fn expire_chunk(
+    conn: &mut Connection,
+    cutoff_ns: u64,
+    done: &mut Expired,
+) -> rusqlite::Result<bool> {
+    let cutoff = as_sql_int(cutoff_ns);
+    let chunk = EXPIRE_CHUNK as i64;
+    let tx = conn.transaction()?;
+    let events = tx.execute(
+        "DELETE FROM events WHERE (sidecar_id, sequence) IN
+            (SELECT sidecar_id, sequence FROM events WHERE timestamp_ns < ?1 LIMIT ?2)",
+        params![cutoff, chunk],
+    )?;
+    // Aggregate rows are few (one per distinct key): no need to chunk them.
+    let aggregates = tx.execute(
+        "DELETE FROM aggregates WHERE last_seen_ns < ?1",
+        params![cutoff],
+    )?;
+    let directory = tx.execute(
+        "DELETE FROM directory WHERE last_seen_ns < ?1",
+        params![cutoff],
+    )?;
+    let finished = events < EXPIRE_CHUNK;
+    let sidecars = if finished {
+        tx.execute(
+            "DELETE FROM sidecars WHERE last_seen_ns < ?1
+                AND NOT EXISTS (SELECT 1 FROM events WHERE sidecar_id = sidecars.id)",
+            params![cutoff],
+        )?
+    } else {
+        0
+    };
+    tx.commit()?;
+    done.events += events as u64;
+    done.aggregates += aggregates as u64;
+    done.directory += directory as u64;
+    done.sidecars += sidecars as u64;
+    Ok(finished)
+}
+
+/// One (source VM, dialed, reached, cluster, verdict) summed over a commit group.
+#[derive(Debug, Hash, PartialEq, Eq)]
+struct AggregateKey {
+    sidecar_id: i64,
+    dialed: SocketAddr,
+    reached: Option<SocketAddr>,
+    cluster: String,
+    verdict: &'static str,
+}
+
+#[derive(Debug)]
+struct AggregateSum {
+    source: Arc<Hello>,
+    count: u64,
+    first_ns: u64,
+    last_ns: u64,
+    capturing_service: String,
+    upstream_workload: String,
+}
+
+fn flush_aggregates(
+    tx: &rusqlite::Transaction<'_>,
+    sums: &mut HashMap<AggregateKey, AggregateSum>,
+) -> rusqlite::Result<()> {
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO aggregates (source_workload, source_namespace, original_destination,
+            upstream_host, cluster, verdict, count, first_seen_ns, last_seen_ns,
+            capturing_service, upstream_workload)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+         ON CONFLICT DO UPDATE SET
+            count = count + excluded.count,
+            first_seen_ns = min(first_seen_ns, excluded.first_seen_ns),
+            last_seen_ns = max(last_seen_ns, excluded.last_seen_ns),
+            capturing_service = CASE WHEN excluded.capturing_service = ''
+                THEN capturing_service ELSE excluded.capturing_service END,
+            upstream_workload = CASE WHEN excluded.upstream_workload = ''
+                THEN upstream_workload ELSE excluded.upstream_workload END",
+    )?;
+    for (key, sum) in sums.drain() {
+        upsert.execute(params![
+            sum.source.workload_name,
+            sum.source.namespace,
+            key.dialed.to_string(),
+            key.reached.map(|a| a.to_string()).unwrap_or_default(),
+            key.cluster,
+            key.verdict,
+            as_sql_int(sum.count),
+            as_sql_int(sum.first_ns),
+            as_sql_int(sum.last_ns),
+            sum.capturing_service,
+            sum.upstream_workload,
+        ])?;
+    }
+    Ok(())
+}
+
+/// Commits the batches in one transaction; returns, per batch, which events
+/// were new (the rest were resends at or below the VM's high-water mark).
 fn commit_group<'a>(
     conn: &mut Connection,
+    sampler: &Sampler,
     batches: impl Iterator<Item = &'a Batch>,
-) -> Result<Vec<Committed>, rusqlite::Error> {
+) -> Result<Vec<Vec<bool>>, rusqlite::Error> {
     let tx = conn.transaction()?;
     let mut results = Vec::new();
+    let mut sums: HashMap<AggregateKey, AggregateSum> = HashMap::new();
+    let mut sampled_out = 0u64;
     {
         let mut upsert_sidecar = tx.prepare_cached(
             "INSERT INTO sidecars (node_id, vm_instance, pod_name, namespace, workload_name,
@@ -254,7 +633,12 @@ fn commit_group<'a>(
              ON CONFLICT (node_id, vm_instance) DO UPDATE SET
                 last_seen_ns = max(last_seen_ns, excluded.last_seen_ns),
                 dropped_total = max(dropped_total, excluded.dropped_total)
-             RETURNING id",
+             RETURNING id, committed_through",
+        )?;
+        let mut advance_sidecar = tx.prepare_cached(
+            "UPDATE sidecars SET committed_through = max(committed_through, ?2),
+                rejected_total = rejected_total + ?3
+             WHERE id = ?1",
         )?;
         let mut insert_event = tx.prepare_cached(
             "INSERT OR IGNORE INTO events (sidecar_id, sequence, timestamp_ns,
@@ -263,18 +647,9 @@ fn commit_group<'a>(
                 upstream_workload, enforced)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )?;
-        let mut upsert_aggregate = tx.prepare_cached(
-            "INSERT INTO aggregates (source_workload, source_namespace, original_destination,
-                upstream_host, cluster, verdict, count, first_seen_ns, last_seen_ns)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?7)
-             ON CONFLICT DO UPDATE SET
-                count = count + 1,
-                first_seen_ns = min(first_seen_ns, excluded.first_seen_ns),
-                last_seen_ns = max(last_seen_ns, excluded.last_seen_ns)",
-        )?;
         for batch in batches {
             let s = &batch.sidecar;
-            let sidecar_id: i64 = upsert_sidecar.query_row(
+            let (sidecar_id, committed_through): (i64, i64) = upsert_sidecar.query_row(
                 params![
                     s.node_id,
                     s.vm_instance,
@@ -288,51 +663,102 @@ fn commit_group<'a>(
                     as_sql_int(batch.received_ns),
                     as_sql_int(batch.dropped_total),
                 ],
-                |row| row.get(0),
+                |row| Ok((row.get(0)?, row.get(1)?)),
             )?;
-            let mut committed = Committed::default();
+            // Sequences rise within a VM and a resend starts after the last
+            // acknowledged one, so anything at or below the mark is a resend.
+            let mut high = u64::try_from(committed_through).unwrap_or(0);
+            let mut is_new = Vec::with_capacity(batch.events.len());
             for event in &batch.events {
                 let raw = &event.raw;
-                let upstream = event
-                    .upstream_host
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                let inserted = insert_event.execute(params![
-                    sidecar_id,
-                    as_sql_int(raw.sequence),
-                    as_sql_int(raw.timestamp_unix_nanos),
-                    event.original_destination.to_string(),
-                    upstream,
-                    event.source.map(|a| a.to_string()).unwrap_or_default(),
-                    as_sql_int(raw.connection_id),
-                    raw.cluster_name,
-                    raw.filter_chain_name,
-                    event.verdict.label(),
-                    as_sql_int(raw.response_flags),
-                    raw.upstream_transport_failure_reason,
-                    raw.intended_service,
-                    raw.upstream_workload,
-                    raw.enforced,
-                ])?;
-                if inserted == 0 {
-                    continue; // a resend of an event stored before
+                if raw.sequence <= high {
+                    is_new.push(false);
+                    continue;
                 }
-                upsert_aggregate.execute(params![
-                    s.workload_name,
-                    s.namespace,
-                    event.original_destination.to_string(),
-                    upstream,
-                    raw.cluster_name,
-                    event.verdict.label(),
-                    as_sql_int(raw.timestamp_unix_nanos),
-                ])?;
-                committed.new_events.push(event.clone());
+                high = raw.sequence;
+                is_new.push(true);
+                if sampler.keeps(raw.sequence) {
+                    insert_event.execute(params![
+                        sidecar_id,
+                        as_sql_int(raw.sequence),
+                        as_sql_int(raw.timestamp_unix_nanos),
+                        event.original_destination.to_string(),
+                        event
+                            .upstream_host
+                            .map(|a| a.to_string())
+                            .unwrap_or_default(),
+                        event.source.map(|a| a.to_string()).unwrap_or_default(),
+                        as_sql_int(raw.connection_id),
+                        raw.cluster_name,
+                        raw.filter_chain_name,
+                        event.verdict.label(),
+                        as_sql_int(raw.response_flags),
+                        raw.upstream_transport_failure_reason,
+                        raw.intended_service,
+                        raw.upstream_workload,
+                        raw.enforced,
+                    ])?;
+                } else {
+                    sampled_out += 1;
+                }
+                if sums.len() >= MAX_AGGREGATE_KEYS {
+                    flush_aggregates(&tx, &mut sums)?;
+                }
+                let key = AggregateKey {
+                    sidecar_id,
+                    dialed: event.original_destination,
+                    reached: event.upstream_host,
+                    cluster: raw.cluster_name.clone(),
+                    verdict: event.verdict.label(),
+                };
+                let at = raw.timestamp_unix_nanos;
+                sums.entry(key)
+                    .and_modify(|sum| {
+                        sum.count += 1;
+                        sum.first_ns = sum.first_ns.min(at);
+                        sum.last_ns = sum.last_ns.max(at);
+                        if !raw.intended_service.is_empty() {
+                            sum.capturing_service.clone_from(&raw.intended_service);
+                        }
+                        if !raw.upstream_workload.is_empty() {
+                            sum.upstream_workload.clone_from(&raw.upstream_workload);
+                        }
+                    })
+                    .or_insert_with(|| AggregateSum {
+                        source: Arc::clone(s),
+                        count: 1,
+                        first_ns: at,
+                        last_ns: at,
+                        capturing_service: raw.intended_service.clone(),
+                        upstream_workload: raw.upstream_workload.clone(),
+                    });
             }
-            results.push(committed);
+            advance_sidecar.execute(params![
+                sidecar_id,
+                as_sql_int(high),
+                as_sql_int(batch.rejected)
+            ])?;
+            results.push(is_new);
+        }
+        flush_aggregates(&tx, &mut sums)?;
+        if sampled_out > 0 {
+            add_total(&tx, SAMPLED_OUT, sampled_out)?;
         }
     }
     tx.commit()?;
     Ok(results)
+}
+
+/// `totals` row: events counted in the aggregates whose raw row was not kept.
+const SAMPLED_OUT: &str = "sampled_out_events";
+
+fn add_total(tx: &rusqlite::Transaction<'_>, name: &str, n: u64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO totals (name, value) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+    )?
+    .execute(params![name, as_sql_int(n)])?;
+    Ok(())
 }
 
 /// SQLite integers are signed 64-bit; values past i64::MAX are clamped.
@@ -340,13 +766,70 @@ fn as_sql_int(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-/// Events the sidecars dropped before they could be sent (buffer full), summed over every VM.
-pub fn total_dropped(conn: &Connection) -> Result<u64, StoreError> {
-    let total: Option<i64> = conn
-        .query_row("SELECT sum(dropped_total) FROM sidecars", [], |row| {
-            row.get(0)
-        })
-        .optional()?
-        .flatten();
-    Ok(total.unwrap_or(0).max(0) as u64)
+/// What the stored rows miss, over every VM.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Gaps {
+    /// Events sidecars dropped before they could be sent (their buffer was full).
+    pub dropped: u64,
+    /// Events the collector refused (invalid fields); acknowledged, not counted.
+    pub rejected: u64,
+    /// Events counted in the aggregates whose raw row was not kept (sampled under overload).
+    pub sampled_out: u64,
+}
+
+pub fn gaps(conn: &Connection) -> Result<Gaps, StoreError> {
+    let (dropped, rejected): (Option<i64>, Option<i64>) = conn.query_row(
+        "SELECT sum(dropped_total), sum(rejected_total) FROM sidecars",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    let sampled_out: Option<i64> = conn
+        .query_row(
+            "SELECT value FROM totals WHERE name = ?1",
+            [SAMPLED_OUT],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let count = |n: Option<i64>| n.unwrap_or(0).max(0) as u64;
+    Ok(Gaps {
+        dropped: count(dropped),
+        rejected: count(rejected),
+        sampled_out: count(sampled_out),
+    })
+}
+
+/// One pod IP's owner, from the sidecars' identification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryEntry {
+    pub pod_name: String,
+    pub namespace: String,
+    pub workload_name: String,
+    pub last_seen_ns: u64,
+}
+
+/// The pod-IP directory: every IP that a sidecar announced (`INSTANCE_IPS`).
+pub fn directory(conn: &Connection) -> Result<HashMap<IpAddr, DirectoryEntry>, StoreError> {
+    let mut statement =
+        conn.prepare("SELECT ip, pod_name, namespace, workload_name, last_seen_ns FROM directory")?;
+    let rows = statement.query_map([], |row| {
+        let ip: String = row.get(0)?;
+        let last: i64 = row.get(4)?;
+        Ok((
+            ip,
+            DirectoryEntry {
+                pod_name: row.get(1)?,
+                namespace: row.get(2)?,
+                workload_name: row.get(3)?,
+                last_seen_ns: last.max(0) as u64,
+            },
+        ))
+    })?;
+    let mut entries = HashMap::new();
+    for row in rows {
+        let (ip, entry) = row?;
+        if let Ok(ip) = ip.parse() {
+            entries.insert(ip, entry);
+        }
+    }
+    Ok(entries)
 }

@@ -8,9 +8,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use dialguard_collector::{report, store};
+use dialguard_collector::store::WriterConfig;
+use dialguard_collector::{Limits, ServeConfig, report, store};
 use dialguard_proto::v1::collector_client::CollectorClient;
-use dialguard_proto::v1::{EventBatch, SidecarMessage, SocketAddress, Verdict, sidecar_message};
+use dialguard_proto::v1::{
+    Ack, ConnectionEvent, EventBatch, Hello, SidecarMessage, SocketAddress, Verdict,
+    sidecar_message,
+};
 use rusqlite::Connection;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -192,8 +196,24 @@ async fn the_first_message_must_be_a_valid_hello() {
     server.stop().await;
 }
 
+/// The refusal the ack carries for `sequence`, checked to be INVALID_ARGUMENT
+/// naming `field` and quoting `value`.
+fn assert_refused(ack: &Ack, sequence: u64, field: &str, value: &str) {
+    let refusal = ack
+        .rejected
+        .iter()
+        .find(|r| r.sequence == sequence)
+        .unwrap_or_else(|| panic!("sequence {sequence} not refused: {ack:?}"));
+    assert_eq!(refusal.code, Code::InvalidArgument as i32, "{refusal:?}");
+    assert!(
+        refusal.message.starts_with(field) && refusal.message.contains(value),
+        "the refusal should name {field} and quote {value}: {:?}",
+        refusal.message
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn an_invalid_event_fails_only_its_own_stream() {
+async fn an_invalid_event_is_refused_alone() {
     let (_dir, db) = temp_db();
     let server = Server::start(&db).await;
 
@@ -211,24 +231,33 @@ async fn an_invalid_event_fails_only_its_own_stream() {
         ip: "not-an-ip".into(),
         port: 9080,
     });
+    let mut bad_port = misrouted(6);
+    bad_port.upstream_host = Some(SocketAddress {
+        ip: "10.0.3.9".into(),
+        port: 70_000,
+    });
     stream
-        .send(batch(vec![misrouted(3), bad, misrouted(5)]))
+        .send(batch(vec![misrouted(3), bad, misrouted(5), bad_port]))
         .await;
-    let status = stream.error().await;
-    assert_invalid_argument(&status, "events[1].original_destination");
-    assert!(
-        status.message().contains("not-an-ip"),
-        "the message should quote the bad value: {:?}",
-        status.message()
-    );
+    // The whole batch is acknowledged: resending a bad event would fail again.
+    let ack = stream.next_full_ack().await.expect("ack");
+    assert_eq!(ack.through_sequence, 6);
+    assert_eq!(ack.rejected.len(), 2, "{ack:?}");
+    assert_refused(&ack, 4, "events[1].original_destination", "not-an-ip");
+    assert_refused(&ack, 6, "events[3].upstream_host", "70000");
 
-    // The acked batch stays; nothing of the rejected batch is stored.
-    assert_eq!(stored_sequences(&db, "vm-1"), vec![1, 2]);
+    // The valid events of that batch are stored, and the stream goes on.
+    assert_eq!(stored_sequences(&db, "vm-1"), vec![1, 2, 3, 5]);
+    assert_eq!(stream.send_acked(misrouted_batch(7..=7)).await, 7);
+    assert_eq!(stored_sequences(&db, "vm-1"), vec![1, 2, 3, 5, 7]);
 
     // The other VM's stream is unaffected.
     assert_eq!(other.send_acked(misrouted_batch(3..=4)).await, 4);
     assert_eq!(stored_sequences(&db, "vm-2"), vec![1, 2, 3, 4]);
-    assert_eq!(misrouted_aggregate(&db), 6);
+    assert_eq!(misrouted_aggregate(&db), 9);
+
+    let report = report::query(&read_only(&db)).expect("report");
+    assert_eq!(report.rejected_events, 2);
 
     drop(stream);
     drop(other);
@@ -238,7 +267,7 @@ async fn an_invalid_event_fails_only_its_own_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_unknown_verdict_is_rejected() {
+async fn an_unknown_verdict_is_refused() {
     let (_dir, db) = temp_db();
     let server = Server::start(&db).await;
     let mut client = server.client().await;
@@ -246,21 +275,14 @@ async fn an_unknown_verdict_is_rejected() {
 
     let mut unknown = misrouted(1);
     unknown.verdict = 99;
-    stream.send(batch(vec![unknown])).await;
-    let status = stream.error().await;
-    assert_invalid_argument(&status, "events[0].verdict");
-    assert!(
-        status.message().contains("99"),
-        "the message should quote the bad value: {:?}",
-        status.message()
-    );
-
     // Unspecified (0) is not a verdict either.
-    let mut stream = ReportStream::open(&mut client, NODE, "vm-1").await;
-    let mut unspecified = misrouted(1);
+    let mut unspecified = misrouted(2);
     unspecified.verdict = Verdict::Unspecified as i32;
-    stream.send(batch(vec![unspecified])).await;
-    assert_invalid_argument(&stream.error().await, "events[0].verdict");
+    stream.send(batch(vec![unknown, unspecified])).await;
+    let ack = stream.next_full_ack().await.expect("ack");
+    assert_eq!(ack.through_sequence, 2);
+    assert_refused(&ack, 1, "events[0].verdict", "99");
+    assert_refused(&ack, 2, "events[1].verdict", "got 0");
 
     assert_eq!(stored_events(&db), 0);
     assert_eq!(count(&db, "SELECT count(*) FROM aggregates"), 0);
@@ -293,6 +315,35 @@ async fn the_report_has_the_documented_shape() {
     }
     assert_eq!(stream.send_acked(message).await, 5);
 
+    // The pod that owns DEST connects too: the directory then knows who the
+    // application meant to reach.
+    let ratings = Hello {
+        node_id: "sidecar~10.0.2.7~ratings-v1-5c6b-xyz12.bookinfo~bookinfo.svc.cluster.local"
+            .into(),
+        pod_name: "ratings-v1-5c6b-xyz12".into(),
+        workload_name: "ratings-v1".into(),
+        instance_ips: vec!["10.0.2.7".into(), "fd00::2:7".into()],
+        ..hello(NODE, "vm-1")
+    };
+    let mut ratings_client = server.client().await;
+    let ratings_stream = ReportStream::open_with(
+        &mut ratings_client,
+        SidecarMessage {
+            kind: Some(sidecar_message::Kind::Hello(ratings)),
+        },
+    )
+    .await
+    .expect("ratings stream");
+    let directory = wait_until("the directory has the ratings pod", || {
+        let conn = read_only(&db);
+        let entries = store::directory(&conn).expect("directory");
+        (entries.len() == 3).then_some(entries)
+    })
+    .await;
+    let owner = &directory[&"10.0.2.7".parse().expect("ip")];
+    assert_eq!(owner.pod_name, "ratings-v1-5c6b-xyz12");
+    assert!(directory.contains_key(&"fd00::2:7".parse().expect("ip")));
+
     let expected = json!({
         "rows": [
             {
@@ -305,6 +356,18 @@ async fn the_report_has_the_documented_shape() {
                 "count": 2,
                 "firstSeen": "2023-11-14T22:13:20.001Z",
                 "lastSeen": "2023-11-14T22:13:20.002Z",
+                "intended": {
+                    "pod": "ratings-v1-5c6b-xyz12",
+                    "namespace": "bookinfo",
+                    "workload": "ratings-v1",
+                    "lastSeen": "(when the pod was last connected)",
+                },
+                "capturingService": "ratings.bookinfo.svc.cluster.local",
+                "upstreamWorkload": "ratings-v1;bookinfo;ratings;v1;Kubernetes",
+                "summary": "bookinfo/reviews-v1 dialed pod bookinfo/ratings-v1-5c6b-xyz12 (10.0.2.7:9080) \
+                    and reached 10.0.3.9:9080 (bookinfo/ratings-v1) through \
+                    outbound|9080||ratings.bookinfo.svc.cluster.local, captured by service \
+                    ratings.bookinfo.svc.cluster.local",
             },
             {
                 "sourceWorkload": "reviews-v1",
@@ -316,10 +379,30 @@ async fn the_report_has_the_documented_shape() {
                 "count": 3,
                 "firstSeen": "2023-11-14T22:13:20.003Z",
                 "lastSeen": "2023-11-14T22:13:20.005Z",
+                "intended": null,
+                "capturingService": "ratings.bookinfo.svc.cluster.local",
+                "upstreamWorkload": "ratings-v1;bookinfo;ratings;v1;Kubernetes",
+                "summary": "bookinfo/reviews-v1 dialed [fd00::7]:5432 and reached no host through \
+                    outbound|9080||ratings.bookinfo.svc.cluster.local, captured by service \
+                    ratings.bookinfo.svc.cluster.local",
             },
         ],
         "droppedEvents": 2,
+        "rejectedEvents": 0,
+        "sampledOutEvents": 0,
     });
+    // The directory's last-seen time is the collector's clock: check its
+    // form, then compare the rest exactly.
+    let comparable = |mut value: serde_json::Value| {
+        let seen = &mut value["rows"][0]["intended"]["lastSeen"];
+        let text = seen.as_str().unwrap_or_default().to_owned();
+        assert!(
+            text.ends_with('Z') && text.len() == 24,
+            "not RFC 3339 UTC with ms: {text:?}"
+        );
+        *seen = json!("(when the pod was last connected)");
+        value
+    };
 
     // The library, over a read-only connection, while the collector runs.
     let conn = store::open_for_reading(&db).expect("open for reading");
@@ -330,7 +413,7 @@ async fn the_report_has_the_documented_shape() {
     assert_eq!(report.rows[1].upstream_host, None);
     assert_eq!(report.dropped_events, 2);
     let value = serde_json::to_value(&report).expect("serialize the report");
-    assert_eq!(value, expected);
+    assert_eq!(comparable(value), expected);
     let text = serde_json::to_string(&report).expect("serialize the report");
     for key in [
         "\"rows\"",
@@ -358,10 +441,12 @@ async fn the_report_has_the_documented_shape() {
     assert_eq!(status, 200, "{head}\n{body}");
     assert!(head.contains("content-type: application/json"), "{head}");
     let served: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
-    assert_eq!(served, expected);
+    assert_eq!(comparable(served), expected);
     let (status, _, body) = http_get(server.http, "/healthz").await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
 
+    drop(ratings_stream);
+    drop(ratings_client);
     drop(stream);
     drop(client);
     server.stop().await;
@@ -517,4 +602,224 @@ async fn a_closed_stderr_does_not_break_streams() {
     let _ = serve.child.kill();
     let _ = serve.child.wait();
     assert_eq!(ack.expect("an ack, not a broken stream"), 2);
+}
+
+// ---------------------------------------------------------------------------
+// Limits, overload, retention, directory
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_that_never_says_hello_is_closed() {
+    let (_dir, db) = temp_db();
+    let server = Server::start_with(ServeConfig {
+        limits: Limits {
+            hello_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        },
+        ..test_config(&db)
+    })
+    .await;
+    let mut client = server.client().await;
+    // Open the call, then say nothing.
+    let (_silent, outbound) = tokio::sync::mpsc::channel::<SidecarMessage>(1);
+    let response = bounded(
+        "opening a silent stream",
+        client.report(tokio_stream::wrappers::ReceiverStream::new(outbound)),
+    )
+    .await
+    .expect("the call itself is accepted");
+    let status = bounded("the stream's end", response.into_inner().message())
+        .await
+        .expect_err("a silent stream must end with a status");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("hello"), "{status:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_beyond_the_limit_are_refused_until_one_closes() {
+    let (_dir, db) = temp_db();
+    let server = Server::start_with(ServeConfig {
+        limits: Limits {
+            max_streams: 2,
+            ..Limits::default()
+        },
+        ..test_config(&db)
+    })
+    .await;
+    let mut client = server.client().await;
+    let mut first = ReportStream::open(&mut client, NODE, "vm-1").await;
+    let mut second = ReportStream::open(&mut client, NODE, "vm-2").await;
+    assert_eq!(first.send_acked(misrouted_batch(1..=1)).await, 1);
+
+    let status = open_expecting_error(&mut client, hello_message(NODE, "vm-3"), None).await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("at most 2 streams"), "{status:?}");
+    // The open streams are unaffected.
+    assert_eq!(second.send_acked(misrouted_batch(1..=2)).await, 2);
+
+    // Once one closes, its slot is free again.
+    drop(first);
+    let mut third = wait_for_stream(&mut client, "vm-3").await;
+    assert_eq!(third.send_acked(misrouted_batch(1..=3)).await, 3);
+    assert_eq!(stored_events(&db), 6);
+
+    drop((second, third, client));
+    server.stop().await;
+}
+
+/// Opens a stream, retrying while the collector says RESOURCE_EXHAUSTED.
+async fn wait_for_stream(client: &mut CollectorClient<Channel>, vm: &str) -> ReportStream {
+    bounded("a free stream slot", async {
+        loop {
+            match ReportStream::open_with(client, hello_message(NODE, vm)).await {
+                Ok(stream) => return stream,
+                Err(status) => {
+                    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_over_the_limit_ends_its_stream_only() {
+    let (_dir, db) = temp_db();
+    let server = Server::start_with(ServeConfig {
+        limits: Limits {
+            max_batch_events: 3,
+            ..Limits::default()
+        },
+        ..test_config(&db)
+    })
+    .await;
+    let mut client = server.client().await;
+    let mut other = ReportStream::open(&mut client, NODE, "vm-2").await;
+    let mut stream = ReportStream::open(&mut client, NODE, "vm-1").await;
+    assert_eq!(stream.send_acked(misrouted_batch(1..=3)).await, 3);
+    stream.send(misrouted_batch(4..=7)).await;
+    let status = stream.error().await;
+    assert_invalid_argument(&status, "batch.events");
+    assert!(status.message().contains("at most 3"), "{status:?}");
+    assert_eq!(stored_sequences(&db, "vm-1"), vec![1, 2, 3]);
+    assert_eq!(other.send_acked(misrouted_batch(1..=3)).await, 3);
+    drop((stream, other, client));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_overload_raw_rows_are_sampled_and_aggregates_stay_exact() {
+    let (_dir, db) = temp_db();
+    let server = Server::start_with(ServeConfig {
+        // Every batch counts as having waited too long.
+        writer: WriterConfig {
+            overloaded_after: Duration::ZERO,
+        },
+        ..test_config(&db)
+    })
+    .await;
+    let mut client = server.client().await;
+    let mut stream = ReportStream::open(&mut client, NODE, "vm-1").await;
+    const BATCHES: u64 = 12;
+    const PER_BATCH: u64 = 50;
+    for b in 0..BATCHES {
+        let first = b * PER_BATCH + 1;
+        let last = first + PER_BATCH - 1;
+        assert_eq!(stream.send_acked(misrouted_batch(first..=last)).await, last);
+    }
+    let total = (BATCHES * PER_BATCH) as i64;
+    // Exact: every connection counted once.
+    assert_eq!(misrouted_aggregate(&db), total);
+    // Sampled: fewer raw rows, and the report says how many are missing.
+    let rows = stored_events(&db);
+    assert!(rows < total / 2, "{rows} raw rows of {total}: not sampled");
+    assert!(rows > 0, "sampling must keep some raw rows");
+    let report = report::query(&read_only(&db)).expect("report");
+    assert_eq!(report.sampled_out_events as i64, total - rows);
+    assert_eq!(report.rows[0].count as i64, total);
+
+    // Resends of sampled-out events are still recognised as resends.
+    assert_eq!(
+        stream.send_acked(misrouted_batch(1..=PER_BATCH)).await,
+        PER_BATCH
+    );
+    assert_eq!(misrouted_aggregate(&db), total);
+    drop((stream, client));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_removes_what_is_older_than_the_cutoff() {
+    let (_dir, db) = temp_db();
+    let server = Server::start_with(ServeConfig {
+        retention: Some(Duration::from_secs(24 * 3600)),
+        retention_every: Duration::from_millis(100),
+        ..test_config(&db)
+    })
+    .await;
+    let mut client = server.client().await;
+    let mut stream = ReportStream::open(&mut client, NODE, "vm-1").await;
+    // 1..=3 carry 2023 timestamps; 4..=5 are from now.
+    assert_eq!(stream.send_acked(misrouted_batch(1..=3)).await, 3);
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as u64;
+    let recent = |sequence| ConnectionEvent {
+        timestamp_unix_nanos: now_ns,
+        original_destination: Some(addr("10.0.2.8:9080")),
+        ..misrouted(sequence)
+    };
+    assert_eq!(
+        stream.send_acked(batch(vec![recent(4), recent(5)])).await,
+        5
+    );
+
+    wait_until("the old events expire", || {
+        (stored_sequences(&db, "vm-1") == [4, 5]).then_some(())
+    })
+    .await;
+    let report = report::query(&read_only(&db)).expect("report");
+    assert_eq!(report.rows.len(), 1, "{report:#?}");
+    assert_eq!(report.rows[0].original_destination, "10.0.2.8:9080");
+    assert_eq!(report.rows[0].count, 2);
+    // The sidecar and its directory entry are current: kept.
+    assert_eq!(count(&db, "SELECT count(*) FROM sidecars"), 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM directory"), 1);
+    // Resends of expired events are still recognised (the VM's mark survives).
+    assert_eq!(stream.send_acked(misrouted_batch(1..=3)).await, 3);
+    assert_eq!(stored_sequences(&db, "vm-1"), vec![4, 5]);
+    drop((stream, client));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_directory_outlives_the_stream() {
+    let (_dir, db) = temp_db();
+    let server = Server::start(&db).await;
+    let mut client = server.client().await;
+    let stream = ReportStream::open(&mut client, NODE, "vm-1").await;
+    let connected = wait_until("the directory entry", || {
+        let entries = store::directory(&read_only(&db)).expect("directory");
+        entries
+            .get(&"10.0.1.6".parse().expect("ip"))
+            .map(|e| e.last_seen_ns)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(stream);
+    let entry = wait_until("last seen moves on at disconnect", || {
+        let entries = store::directory(&read_only(&db)).expect("directory");
+        entries
+            .get(&"10.0.1.6".parse().expect("ip"))
+            .filter(|e| e.last_seen_ns > connected)
+            .cloned()
+    })
+    .await;
+    assert_eq!(entry.pod_name, "reviews-v1-7d9f-abcde");
+    assert_eq!(entry.workload_name, "reviews-v1");
+    drop(client);
+    server.stop().await;
 }

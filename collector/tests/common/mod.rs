@@ -17,8 +17,8 @@ use std::time::Duration;
 use dialguard_collector::{ServeConfig, ServeError};
 use dialguard_proto::v1::collector_client::CollectorClient;
 use dialguard_proto::v1::{
-    CollectorMessage, ConnectionEvent, EventBatch, Hello, SidecarMessage, SocketAddress, Verdict,
-    collector_message, sidecar_message,
+    Ack, CollectorMessage, ConnectionEvent, EventBatch, Hello, SidecarMessage, SocketAddress,
+    Verdict, collector_message, sidecar_message,
 };
 use rusqlite::{Connection, OpenFlags};
 use tokio::net::TcpListener;
@@ -59,10 +59,7 @@ impl Server {
     pub async fn start_with_grace(db: &Path, shutdown_grace: Duration) -> Self {
         Self::start_with(ServeConfig {
             shutdown_grace,
-            // The tests' events carry 2023 timestamps: keep them.
-            retention: None,
-            alert_interval: Duration::ZERO,
-            ..ServeConfig::new(db)
+            ..test_config(db)
         })
         .await
     }
@@ -135,6 +132,11 @@ impl ServeProcess {
     /// stderr reader positioned after that line: keep draining it, or drop
     /// it to close the pipe.
     pub fn start(db: &Path) -> (Self, BufReader<ChildStderr>) {
+        Self::start_with_args(db, &[])
+    }
+
+    /// [`ServeProcess::start`] with more `serve` flags.
+    pub fn start_with_args(db: &Path, args: &[&str]) -> (Self, BufReader<ChildStderr>) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dialguard"))
             .args([
                 "serve",
@@ -145,6 +147,7 @@ impl ServeProcess {
                 "--db",
             ])
             .arg(db)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -192,6 +195,29 @@ impl Drop for ServeProcess {
 // ---------------------------------------------------------------------------
 // Messages
 // ---------------------------------------------------------------------------
+
+/// Polls `check` until it yields a value (bounded by WAIT).
+pub async fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    bounded(what, async {
+        loop {
+            if let Some(value) = check() {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+/// `serve`'s defaults, but keeping everything (the tests' events carry 2023
+/// timestamps) and printing every alert line.
+pub fn test_config(db: &Path) -> ServeConfig {
+    ServeConfig {
+        retention: None,
+        alert_interval: Duration::ZERO,
+        ..ServeConfig::new(db)
+    }
+}
 
 pub fn hello(node_id: &str, vm_instance: &str) -> Hello {
     Hello {
@@ -308,10 +334,15 @@ impl ReportStream {
 
     /// The next ack's `through_sequence`, or the status that ended the stream.
     pub async fn next_ack(&mut self) -> Result<u64, Status> {
+        Ok(self.next_full_ack().await?.through_sequence)
+    }
+
+    /// The next ack with its list of refused events.
+    pub async fn next_full_ack(&mut self) -> Result<Ack, Status> {
         match bounded("the next ack", self.rx.message()).await? {
             Some(CollectorMessage {
                 kind: Some(collector_message::Kind::Ack(ack)),
-            }) => Ok(ack.through_sequence),
+            }) => Ok(ack),
             Some(other) => panic!("expected an ack, got {other:?}"),
             None => panic!("the collector ended the stream without a status"),
         }

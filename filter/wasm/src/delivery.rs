@@ -100,6 +100,18 @@ impl Delivery {
                 outbox.acknowledge(ack.through_sequence);
                 metrics::add(metrics.events_acked, (before - outbox.len()) as u64);
                 self.consecutive_failures = 0;
+                if let Some(first) = ack.rejected.first() {
+                    metrics::add(metrics.events_rejected, ack.rejected.len() as u64);
+                    abi::log(
+                        LogLevel::Warn,
+                        &format!(
+                            "dialguard: the collector refused {} events, e.g. sequence {}: {}",
+                            ack.rejected.len(),
+                            first.sequence,
+                            first.message
+                        ),
+                    );
+                }
             }
             Ok(_) => {}
             Err(err) => abi::log(

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub events_acked: Option<u32>,
     pub events_resent: Option<u32>,
     pub events_dropped: Option<u32>,
+    pub events_rejected: Option<u32>,
     pub stream_failures: Option<u32>,
 }
 
@@ -41,6 +42,7 @@ impl Metrics {
             events_acked: counter("dialguard.events.acked"),
             events_resent: counter("dialguard.events.resent"),
             events_dropped: counter("dialguard.events.dropped"),
+            events_rejected: counter("dialguard.events.rejected"),
             stream_failures: counter("dialguard.stream.failures"),
         }
     }
