@@ -4,7 +4,9 @@
 //! connects to the `virtualOutbound` listener and states the dialed address in
 //! a PROXY protocol (v1) header, which Envoy's `proxy_protocol` listener
 //! filter restores the same way, so `use_original_dst` hands the connection to
-//! the listener for that address exactly as in a sidecar.
+//! the listener for that address exactly as in a sidecar. In a pod network
+//! namespace ([`crate::netns`]) there is no such stand-in: [`dial_direct`]
+//! is a plain connect and iptables does the capturing.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -26,19 +28,36 @@ pub fn dial(
     source_ip: IpAddr,
     dialed: SocketAddr,
 ) -> anyhow::Result<Outcome> {
-    let mut stream = TcpStream::connect_timeout(&outbound, Duration::from_secs(5))
-        .with_context(|| format!("connecting to the sidecar at {outbound}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let stream =
+        connect(outbound).with_context(|| format!("connecting to the sidecar at {outbound}"))?;
     let family = if dialed.is_ipv4() { "TCP4" } else { "TCP6" };
-    stream.set_nodelay(true)?;
     let source_port = stream.local_addr()?.port();
-    // One write: header and first line together, so no delayed ACK stalls us.
-    let hello = format!(
-        "PROXY {family} {source_ip} {} {source_port} {}\r\nhello from the application\n",
+    let header = format!(
+        "PROXY {family} {source_ip} {} {source_port} {}\r\n",
         dialed.ip(),
         dialed.port()
     );
-    stream.write_all(hello.as_bytes())?;
+    converse(stream, &header)
+}
+
+/// A plain connect to `dialed`, as the application in a pod with iptables
+/// capture makes it: the kernel hands it to the sidecar, if at all.
+pub fn dial_direct(dialed: SocketAddr) -> anyhow::Result<Outcome> {
+    let stream = connect(dialed).with_context(|| format!("connecting to {dialed}"))?;
+    converse(stream, "")
+}
+
+fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Sends `header` and the first line in one write, so no delayed ACK stalls
+/// us, and reads who answers.
+fn converse(mut stream: TcpStream, header: &str) -> anyhow::Result<Outcome> {
+    stream.write_all(format!("{header}hello from the application\n").as_bytes())?;
     let mut greeting = String::new();
     let read = BufReader::new(&stream).read_line(&mut greeting);
     let _ = stream.shutdown(std::net::Shutdown::Both);

@@ -1,7 +1,9 @@
 //! The field incident, end to end: the collector, the manager pod's sidecar
-//! (real Envoy with the built module) and the pods as TCP servers.
+//! (real Envoy with the built module) and the pods as TCP servers, wired on
+//! loopback ([`Loopback`]) or in network namespaces
+//! ([`crate::netns::PodNetwork`]).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use tempfile::TempDir;
 
@@ -11,13 +13,56 @@ use crate::dist::Dist;
 use crate::pods::PodServer;
 use crate::sidecar::{self, Envoy, Install, Layout};
 
+/// How the manager application's connections reach its sidecar, and how
+/// the test reaches the sidecar's admin endpoint.
+pub trait Wiring {
+    /// The application in the pod `own_pod` dials `dialed`.
+    fn dial(
+        &self,
+        sidecar: &Envoy,
+        own_pod: Ipv4Addr,
+        dialed: SocketAddr,
+    ) -> anyhow::Result<Outcome>;
+    /// GET `path` from the admin endpoint at `admin`.
+    fn admin_get(&self, admin: SocketAddr, path: &str) -> anyhow::Result<String>;
+    /// A destination whose connection the sidecar sends to
+    /// `BlackHoleCluster`, with no upstream host.
+    fn blackholed_destination(&self, layout: &Layout) -> SocketAddr;
+}
+
+/// Everything on loopback; the client states the dialed address in a PROXY
+/// protocol header (see [`crate::client`]).
 #[derive(Debug)]
-pub struct Incident {
-    // Dropped in this order: Envoy first, so it does not log the collector's exit.
+pub struct Loopback;
+
+impl Wiring for Loopback {
+    fn dial(
+        &self,
+        sidecar: &Envoy,
+        own_pod: Ipv4Addr,
+        dialed: SocketAddr,
+    ) -> anyhow::Result<Outcome> {
+        client::dial(sidecar.outbound, IpAddr::V4(own_pod), dialed)
+    }
+    fn admin_get(&self, admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+        sidecar::admin_get(admin, path)
+    }
+    /// The client can state any destination, its own pod IP included: the
+    /// catch-all's own-IP chain blackholes it.
+    fn blackholed_destination(&self, layout: &Layout) -> SocketAddr {
+        layout.at(layout.own_pod)
+    }
+}
+
+#[derive(Debug)]
+pub struct Incident<W = Loopback> {
+    // Dropped in this order: Envoy first, so it does not log the collector's
+    // exit; the processes and servers before the network they live in.
     pub envoy: Envoy,
     pub pods: Vec<PodServer>,
     pub collector: Collector,
     pub layout: Layout,
+    pub wiring: W,
     pub dir: TempDir,
 }
 
@@ -58,24 +103,11 @@ impl Incident {
             module,
             echo,
         )?;
-        let mut pods = vec![
-            PodServer::start("manager-0 (this pod)", layout.at(layout.own_pod))?,
-            PodServer::start("manager-1", layout.at(layout.peer_pod))?,
-            PodServer::start("idle", layout.at(layout.idle_pod))?,
-            PodServer::start(
-                "mongo (external)",
-                SocketAddr::new(IpAddr::V4(layout.external_db), layout.dns_port),
-            )?,
-        ];
-        for (i, ip) in layout.app_pods.iter().enumerate() {
-            pods.push(PodServer::start(&format!("app-{i}"), layout.at(*ip))?);
-            for port in [layout.passthrough_port, layout.dns_port] {
-                pods.push(PodServer::start(
-                    &format!("app-{i} (port {port})"),
-                    SocketAddr::new(IpAddr::V4(*ip), port),
-                )?);
-            }
-        }
+        let pods = layout
+            .pod_servers()
+            .iter()
+            .map(|(name, addr)| PodServer::start(name, *addr))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let access_log = dir.path().join("access.log");
         let bootstrap = sidecar::bootstrap(&layout, &install(&collector)?, &access_log);
         let envoy = Envoy::start(&dist.envoy, echo, &bootstrap, dir.path(), access_log)?;
@@ -84,18 +116,36 @@ impl Incident {
             collector,
             envoy,
             pods,
+            wiring: Loopback,
             dir,
         })
     }
+}
 
+impl<W: Wiring> Incident<W> {
     /// The manager application in this pod dials `dialed` through its sidecar.
     pub fn dial(&self, dialed: SocketAddr) -> anyhow::Result<Outcome> {
-        client::dial(self.envoy.outbound, IpAddr::V4(self.layout.own_pod), dialed)
+        self.wiring.dial(&self.envoy, self.layout.own_pod, dialed)
+    }
+
+    /// The pod server listening on `addr`.
+    pub fn pod(&self, addr: SocketAddr) -> Option<&PodServer> {
+        self.pods.iter().find(|pod| pod.addr == addr)
     }
 
     /// Stops the pod server listening on `addr` (the incident's `idle` pod has none).
     pub fn stop_pod(&mut self, addr: SocketAddr) {
         self.pods.retain(|pod| pod.addr != addr);
+    }
+
+    /// GET `path` from the sidecar's admin endpoint.
+    pub fn envoy_admin(&self, path: &str) -> anyhow::Result<String> {
+        self.wiring.admin_get(self.envoy.admin, path)
+    }
+
+    /// See [`Wiring::blackholed_destination`].
+    pub fn blackholed_destination(&self) -> SocketAddr {
+        self.wiring.blackholed_destination(&self.layout)
     }
 
     pub fn access_log(&self) -> String {

@@ -4,14 +4,18 @@
 //! servers that play the pods ([`pods`]), and a client that dials through the
 //! sidecar as an application would ([`client`]). [`incident`] is the field
 //! incident end to end; the e2e tests and `cargo xtask demo` both run it.
+//! [`netns`] runs the same sidecar in network namespaces with istio-iptables'
+//! rules, and [`scenario`] holds the incident's checks that both must pass.
 
 pub mod client;
 pub mod collector;
 pub mod dist;
 pub mod incident;
 pub mod istio_dump;
+pub mod netns;
 pub mod pods;
 pub mod process;
+pub mod scenario;
 pub mod sidecar;
 
 /// Polls `check` every 50 ms until it returns `Some` or `timeout` passes.

@@ -23,6 +23,8 @@ pub struct PodServer {
     pub name: String,
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// The accept loop's socket, to wake it on drop.
+    listener: TcpListener,
     connections: Arc<AtomicUsize>,
     bytes_received: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
@@ -40,6 +42,7 @@ impl PodServer {
     ) -> anyhow::Result<Self> {
         let listener =
             TcpListener::bind(addr).with_context(|| format!("pod {name}: bind {addr}"))?;
+        let wake = listener.try_clone()?;
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicUsize::new(0));
         let bytes_received = Arc::new(AtomicUsize::new(0));
@@ -62,6 +65,7 @@ impl PodServer {
             name: name.to_owned(),
             addr,
             stop,
+            listener: wake,
             connections,
             bytes_received,
             thread: Some(thread),
@@ -100,8 +104,11 @@ fn serve(mut stream: TcpStream, name: &str, protocol: Protocol, received: &Atomi
 impl Drop for PodServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag and closes the listener.
-        let _ = TcpStream::connect_timeout(&self.addr, std::time::Duration::from_secs(1));
+        // Wake the accept loop so it sees the flag and closes the listener:
+        // shutting a listening socket down makes a blocked accept() fail.
+        // (Connecting to it instead would need the server's network
+        // namespace, and under iptables capture would go through a sidecar.)
+        let _ = rustix::net::shutdown(&self.listener, rustix::net::Shutdown::Both);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

@@ -11,9 +11,13 @@
 //! as the sidecar injector sets it. Differences, all forced by running without
 //! Kubernetes: EDS clusters are STATIC with the same endpoints; pods, VIPs and
 //! the idle pod are loopback addresses; the `original_dst` listener filter is
-//! replaced by `proxy_protocol` (see [`crate::client`]).
+//! replaced by `proxy_protocol` (see [`crate::client`]). With
+//! [`Capture::Iptables`] the same sidecar is built for a pod network namespace
+//! ([`crate::netns`]): `virtualOutbound` on 15001 and `virtualInbound` on 15006
+//! as istiod generates them, fed by istio-iptables' REDIRECT rules.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -73,6 +77,50 @@ impl Layout {
         Ok(layout)
     }
 
+    /// The incident's addresses as a cluster would have them (pod CIDR
+    /// 10.244.0.0/16, Service CIDR 10.96.0.0/12, an external host in
+    /// TEST-NET-1) and the field report's ports, for pods that are network
+    /// namespaces of their own ([`crate::netns`]), where every port is free.
+    pub fn pod_network() -> Self {
+        Self {
+            port: 5701,
+            passthrough_port: 8080,
+            dns_port: 27017,
+            external_db: Ipv4Addr::new(192, 0, 2, 10),
+            own_pod: Ipv4Addr::new(10, 244, 1, 6),
+            peer_pod: Ipv4Addr::new(10, 244, 1, 7),
+            idle_pod: Ipv4Addr::new(10, 244, 1, 9),
+            app_pods: [Ipv4Addr::new(10, 244, 2, 4), Ipv4Addr::new(10, 244, 2, 5)],
+            manager_vip: Ipv4Addr::new(10, 96, 0, 20),
+            app_vip: Ipv4Addr::new(10, 96, 3, 4),
+        }
+    }
+
+    /// Every pod server of the incident, by name (the name it answers with)
+    /// and address: the manager pods, `idle`, the external database and the
+    /// app pods on the shared, the passthrough and the DNS ServiceEntry port.
+    pub fn pod_servers(&self) -> Vec<(String, SocketAddr)> {
+        let mut servers = vec![
+            ("manager-0 (this pod)".to_owned(), self.at(self.own_pod)),
+            ("manager-1".to_owned(), self.at(self.peer_pod)),
+            ("idle".to_owned(), self.at(self.idle_pod)),
+            (
+                "mongo (external)".to_owned(),
+                SocketAddr::new(IpAddr::V4(self.external_db), self.dns_port),
+            ),
+        ];
+        for (i, ip) in self.app_pods.iter().enumerate() {
+            servers.push((format!("app-{i}"), self.at(*ip)));
+            for port in [self.passthrough_port, self.dns_port] {
+                servers.push((
+                    format!("app-{i} (port {port})"),
+                    SocketAddr::new(IpAddr::V4(*ip), port),
+                ));
+            }
+        }
+        servers
+    }
+
     pub fn pod_ips(&self) -> Vec<Ipv4Addr> {
         let mut ips = vec![self.own_pod, self.peer_pod, self.idle_pod, self.external_db];
         ips.extend(self.app_pods);
@@ -115,11 +163,16 @@ fn free_port_on(ips: &[Ipv4Addr]) -> anyhow::Result<u16> {
 
 /// The dialguard filter configuration used by the sidecar.
 pub fn filter_config() -> Value {
+    filter_config_with(SERVICE_CIDR, POD_CIDR)
+}
+
+/// The same configuration for a cluster with the given Service and pod ranges.
+pub fn filter_config_with(service_cidr: &str, pod_cidr: &str) -> Value {
     json!({
         "mode": "audit",
         "collector": { "cluster": COLLECTOR_CLUSTER, "flushIntervalMs": 100 },
-        "serviceCidrs": [SERVICE_CIDR],
-        "podCidrs": [POD_CIDR],
+        "serviceCidrs": [service_cidr],
+        "podCidrs": [pod_cidr],
     })
 }
 
@@ -199,20 +252,88 @@ pub fn node(layout: &Layout) -> Value {
     })
 }
 
+/// How the application's connections reach `virtualOutbound`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capture {
+    /// On loopback: the client connects to `virtualOutbound` (any port) and
+    /// states the dialed address in a PROXY protocol header.
+    ProxyProtocol,
+    /// In a pod network namespace: istio-iptables REDIRECTs outbound TCP to
+    /// 15001 (and Envoy's own connections to the pod's IP to 15006), and
+    /// the listeners recover the dialed address from the socket.
+    Iptables,
+}
+
 /// `virtualOutbound` (15001 in a pod; any loopback port here): PROXY protocol
 /// restores the dialed address, `use_original_dst` hands the connection to
 /// the listener for it; `chains` take what no listener does.
 pub fn virtual_outbound(chains: Vec<Value>) -> Value {
-    json!({
+    virtual_outbound_for(Capture::ProxyProtocol, chains)
+}
+
+/// `virtualOutbound` for `capture`. Under iptables it is exactly istiod's:
+/// 0.0.0.0:15001 with `use_original_dst` and no listener filter at all,
+/// because Envoy itself adds `envoy.filters.listener.original_dst` to a
+/// listener with `use_original_dst` (../shared/testdata/istio/ has none either).
+pub fn virtual_outbound_for(capture: Capture, chains: Vec<Value>) -> Value {
+    let mut listener = json!({
         "name": "virtualOutbound",
         "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 }},
-        "listener_filters": [{
-            "name": "envoy.filters.listener.proxy_protocol",
-            "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol" }
-        }],
         "filter_chains": chains,
         "use_original_dst": true,
         "traffic_direction": "OUTBOUND",
+    });
+    match capture {
+        Capture::ProxyProtocol => {
+            listener["listener_filters"] = json!([{
+                "name": "envoy.filters.listener.proxy_protocol",
+                "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol" }
+            }]);
+        }
+        Capture::Iptables => {
+            listener["address"] =
+                json!({ "socket_address": { "address": "0.0.0.0", "port_value": 15001 }});
+        }
+    }
+    listener
+}
+
+/// `virtualInbound` on 15006, as istiod makes it for TCP: the explicit
+/// `original_dst` listener filter, a loop guard to `BlackHoleCluster`, and
+/// plain TCP to `InboundPassthroughClusterIpv4`. Only iptables capture needs
+/// it: when a Service VIP is balanced to this very pod, Envoy's upstream
+/// connection to the pod's own IP is redirected here (istio-iptables'
+/// `ISTIO_IN_REDIRECT` for uid 1337 over `lo`). No dialguard: it is outbound only.
+fn virtual_inbound(access_log: &Path) -> Value {
+    json!({
+        "name": "virtualInbound",
+        "address": { "socket_address": { "address": "0.0.0.0", "port_value": 15006 }},
+        "listener_filters": [{
+            "name": "envoy.filters.listener.original_dst",
+            "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst" }
+        }],
+        "filter_chains": [
+            { "name": "virtualInbound-blackhole", "filter_chain_match": { "destination_port": 15006 },
+              "filters": [tcp_proxy("BlackHoleCluster", access_log)] },
+            { "name": "virtualInbound",
+              "filter_chain_match": { "prefix_ranges": [{ "address_prefix": "0.0.0.0", "prefix_len": 0 }] },
+              "filters": [tcp_proxy(INBOUND_PASSTHROUGH, access_log)] },
+        ],
+        "traffic_direction": "INBOUND",
+    })
+}
+
+const INBOUND_PASSTHROUGH: &str = "InboundPassthroughClusterIpv4";
+
+/// Inbound passthrough connects from 127.0.0.6, the source istio-iptables
+/// lets through (`-o lo -s 127.0.0.6/32 -j RETURN`) instead of capturing again.
+fn inbound_passthrough_cluster() -> Value {
+    json!({
+        "name": INBOUND_PASSTHROUGH,
+        "type": "ORIGINAL_DST",
+        "connect_timeout": "1s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "upstream_bind_config": { "source_address": { "address": "127.0.0.6", "port_value": 0 }},
     })
 }
 
@@ -267,6 +388,18 @@ impl Install {
 
 /// The whole bootstrap of the manager pod's sidecar with dialguard installed.
 pub fn bootstrap(layout: &Layout, install: &Install, access_log: &Path) -> Value {
+    bootstrap_for(Capture::ProxyProtocol, layout, install, access_log)
+}
+
+/// The same sidecar for `capture`; with [`Capture::Iptables`] also the
+/// inbound side a pod's own traffic comes back through, and the admin
+/// endpoint on istio-proxy's 127.0.0.1:15000.
+pub fn bootstrap_for(
+    capture: Capture,
+    layout: &Layout,
+    install: &Install,
+    access_log: &Path,
+) -> Value {
     let dialguard = &install.filter;
     let port = layout.port;
     let listener = |name: String, ip: &str, chains: Vec<Value>| {
@@ -290,7 +423,7 @@ pub fn bootstrap(layout: &Layout, install: &Install, access_log: &Path) -> Value
         "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 }}},
         "static_resources": {
             "listeners": [
-                virtual_outbound(vec![
+                virtual_outbound_for(capture, vec![
                     chain(Some("virtualOutbound-blackhole"), Some(json!({ "destination_port": 15001 })), "BlackHoleCluster", dialguard, access_log),
                     chain(Some("virtualOutbound-catchall-tcp"), None, "PassthroughCluster", dialguard, access_log),
                 ]),
@@ -326,6 +459,15 @@ pub fn bootstrap(layout: &Layout, install: &Install, access_log: &Path) -> Value
     });
     if let Some(clusters) = bootstrap["static_resources"]["clusters"].as_array_mut() {
         clusters.extend(install.clusters.iter().cloned());
+        if capture == Capture::Iptables {
+            clusters.push(inbound_passthrough_cluster());
+        }
+    }
+    if capture == Capture::Iptables {
+        if let Some(listeners) = bootstrap["static_resources"]["listeners"].as_array_mut() {
+            listeners.push(virtual_inbound(access_log));
+        }
+        bootstrap["admin"]["address"]["socket_address"]["port_value"] = json!(15000);
     }
     bootstrap
 }
@@ -383,6 +525,21 @@ impl Envoy {
         dir: &Path,
         access_log: PathBuf,
     ) -> anyhow::Result<Self> {
+        Self::start_as(None, envoy, echo, bootstrap, dir, access_log)
+    }
+
+    /// Starts Envoy as user and group `user` (supplementary groups cleared),
+    /// as istio-proxy runs as 1337 so that iptables can tell its connections
+    /// from the application's; `dir`, the binary and the module must be
+    /// readable by it, and `dir` writable.
+    pub fn start_as(
+        user: Option<u32>,
+        envoy: &Path,
+        echo: bool,
+        bootstrap: &Value,
+        dir: &Path,
+        access_log: PathBuf,
+    ) -> anyhow::Result<Self> {
         let config = dir.join("envoy.json");
         std::fs::write(&config, serde_json::to_vec_pretty(bootstrap)?)?;
         let admin_file = dir.join("envoy-admin-address");
@@ -402,6 +559,10 @@ impl Envoy {
                 "--file-flush-interval-msec",
                 "200",
             ]);
+        if let Some(id) = user {
+            // std clears the supplementary groups when root sets a uid.
+            command.uid(id).gid(id);
+        }
         let mut process = ChildGuard::spawn("envoy", piped(&mut command))?;
         let stderr = process.child_mut().stderr.take().context("envoy stderr")?;
         let log = tee_lines("envoy", stderr, echo);
@@ -444,8 +605,17 @@ pub fn stats(
     admin: SocketAddr,
     filter: &str,
 ) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
-    let body = admin_get(admin, &format!("/stats?format=json&filter={filter}"))?;
-    let stats: Value = serde_json::from_str(&body)?;
+    stats_from(&admin_get(admin, &stats_path(filter))?)
+}
+
+/// The admin path [`stats`] reads.
+pub fn stats_path(filter: &str) -> String {
+    format!("/stats?format=json&filter={filter}")
+}
+
+/// The counter and gauge values in a `/stats?format=json` body.
+pub fn stats_from(body: &str) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let stats: Value = serde_json::from_str(body)?;
     Ok(stats["stats"]
         .as_array()
         .into_iter()
