@@ -14,6 +14,15 @@ pub struct ValidEvent {
     pub verdict: Verdict,
 }
 
+/// Every field an event can be refused for (the `reason` label values).
+pub const CHECKED_FIELDS: [&str; 5] = [
+    "sequence",
+    "original_destination",
+    "upstream_host",
+    "source",
+    "verdict",
+];
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("events[{index}].{field}: {message}")]
 pub struct EventError {

@@ -1,4 +1,5 @@
-//! The HTTP side: health, the report as JSON (`GET /api/v1/report`) and, with
+//! The HTTP side: health, Prometheus metrics (`GET /metrics`), the report as
+//! JSON (`GET /api/v1/report`) and, with
 //! `serve --module`, the filter module itself, so one deployment gives Envoy
 //! both the module and the event sink.
 
@@ -12,6 +13,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use sha2::{Digest, Sha256};
 
+use crate::metrics::{self, Metrics};
 use crate::report::{self, Report};
 use crate::store;
 
@@ -73,18 +75,31 @@ pub enum ModuleError {
 struct AppState {
     db_path: Arc<PathBuf>,
     module: Option<Module>,
+    metrics: Metrics,
 }
 
-pub fn router(db_path: PathBuf, module: Option<Module>) -> Router {
+pub fn router(db_path: PathBuf, module: Option<Module>, metrics: Metrics) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics_text))
         .route("/api/v1/report", get(report_json))
         .route(MODULE_PATH, get(module_bytes))
         .route(&format!("{MODULE_PATH}.sha256"), get(module_sha256))
         .with_state(AppState {
             db_path: Arc::new(db_path),
             module,
+            metrics,
         })
+}
+
+async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+    match state.metrics.encode() {
+        Ok(text) => Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text)),
+        Err(_) => Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding metrics failed\n",
+        )),
+    }
 }
 
 async fn module_bytes(State(state): State<AppState>) -> impl IntoResponse {

@@ -16,6 +16,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::alert::AlertSink;
 use crate::event::ValidEvent;
+use crate::metrics::Metrics;
 use crate::store::{Batch, StoreError, Writer};
 
 /// What one stream, and the server as a whole, may send.
@@ -88,6 +89,7 @@ pub struct CollectorService {
     shutdown: watch::Receiver<bool>,
     limits: Limits,
     streams: Arc<Semaphore>,
+    metrics: Metrics,
 }
 
 impl CollectorService {
@@ -95,6 +97,7 @@ impl CollectorService {
         writer: Writer,
         alerts: AlertSink,
         limits: Limits,
+        metrics: Metrics,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -102,6 +105,7 @@ impl CollectorService {
             alerts,
             shutdown,
             limits,
+            metrics,
             streams: Arc::new(Semaphore::new(limits.max_streams)),
         }
     }
@@ -117,16 +121,20 @@ impl Collector for CollectorService {
         &self,
         request: Request<Streaming<SidecarMessage>>,
     ) -> Result<Response<Self::ReportStream>, Status> {
-        let permit = Arc::clone(&self.streams)
-            .try_acquire_owned()
-            .map_err(|_| IngestError::TooManyStreams(self.limits.max_streams))?;
+        let permit = Arc::clone(&self.streams).try_acquire_owned().map_err(|_| {
+            let err = IngestError::TooManyStreams(self.limits.max_streams);
+            self.metrics.refuse_stream(err.reason());
+            err
+        })?;
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let service = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let metrics = service.metrics.clone();
             if let Err(err) = service.serve_stream(inbound, &tx).await {
                 tracing::warn!("stream ended: {err}");
+                metrics.refuse_stream(err.reason());
                 let _ = tx.send(Err(err.into())).await;
             }
         });
@@ -183,7 +191,9 @@ impl CollectorService {
         self.writer
             .seen(Arc::clone(&hello), crate::time::now_unix_nanos())
             .await?;
+        self.metrics.streams_connected.inc();
         let result = self.serve_batches(&hello, &mut inbound, tx).await;
+        self.metrics.streams_connected.dec();
         // The directory remembers when the pod was last connected.
         let _ = self
             .writer
@@ -218,7 +228,11 @@ impl CollectorService {
                 });
             }
             let through = batch.events.iter().map(|e| e.sequence).max().unwrap_or(0);
-            let (events, rejected) = validate_events(batch.events);
+            self.metrics
+                .events_received
+                .inc_by(batch.events.len() as u64);
+            let (events, rejected) = validate_events(batch.events, &self.metrics);
+            let valid = events.len() as u64;
             if let Some(first) = rejected.first() {
                 tracing::warn!(
                     node = %hello.node_id,
@@ -239,6 +253,7 @@ impl CollectorService {
                     received_ns: crate::time::now_unix_nanos(),
                 })
                 .await?;
+            self.count_stored(hello, valid, &committed.new_events);
             self.alerts.misrouted(hello, &committed.new_events);
             let ack = CollectorMessage {
                 kind: Some(collector_message::Kind::Ack(Ack {
@@ -255,20 +270,70 @@ impl CollectorService {
     }
 }
 
+impl CollectorService {
+    fn count_stored(&self, hello: &Hello, valid: u64, new_events: &[ValidEvent]) {
+        let new = new_events.len() as u64;
+        self.metrics.events_stored.inc_by(new);
+        self.metrics
+            .events_duplicate
+            .inc_by(valid.saturating_sub(new));
+        for event in new_events {
+            self.metrics.misrouted(
+                &hello.namespace,
+                event.verdict.label(),
+                event.original_destination.port(),
+            );
+        }
+    }
+}
+
+impl IngestError {
+    /// Every value of [`IngestError::reason`].
+    pub const REASONS: [&str; 6] = [
+        "invalid_hello",
+        "no_hello",
+        "batch_too_large",
+        "too_many_streams",
+        "store_error",
+        "shutting_down",
+    ];
+
+    /// The `reason` label of `dialguard_streams_refused_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            IngestError::HelloFirst
+            | IngestError::HelloField(_)
+            | IngestError::SecondHello
+            | IngestError::EmptyMessage => "invalid_hello",
+            IngestError::NoHello(_) => "no_hello",
+            IngestError::BatchTooLarge { .. } => "batch_too_large",
+            IngestError::TooManyStreams(_) => "too_many_streams",
+            IngestError::Store(_) => "store_error",
+            IngestError::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
 /// Splits a batch into the events to store and the ones refused, each
 /// refusal naming the field and what was expected. One bad event never costs
 /// the others of its batch.
-fn validate_events(raw: Vec<ConnectionEvent>) -> (Vec<ValidEvent>, Vec<Rejection>) {
+fn validate_events(
+    raw: Vec<ConnectionEvent>,
+    metrics: &Metrics,
+) -> (Vec<ValidEvent>, Vec<Rejection>) {
     let mut events = Vec::with_capacity(raw.len());
     let mut rejected = Vec::new();
     for (index, event) in raw.into_iter().enumerate() {
         let sequence = event.sequence;
         match ValidEvent::validate(index, event) {
             Ok(event) => events.push(event),
-            Err(err) => rejected.push(Rejection {
-                sequence,
-                code: Code::InvalidArgument as i32,
-                message: err.to_string(),
+            Err(err) => rejected.push({
+                metrics.reject_event(err.field);
+                Rejection {
+                    sequence,
+                    code: Code::InvalidArgument as i32,
+                    message: err.to_string(),
+                }
             }),
         }
     }

@@ -10,6 +10,7 @@ pub mod alert;
 pub mod event;
 pub mod http;
 pub mod ingest;
+pub mod metrics;
 pub mod report;
 pub mod store;
 pub mod time;
@@ -26,6 +27,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::alert::AlertSink;
 use crate::ingest::CollectorService;
 pub use crate::ingest::Limits;
+use crate::metrics::Metrics;
 use crate::store::{StoreError, Writer, WriterConfig};
 
 #[derive(Debug, Clone)]
@@ -84,7 +86,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let conn = store::open_for_writing(&config.db_path)?;
-    let (writer, writer_thread) = Writer::start(conn, config.writer);
+    let metrics = Metrics::new();
+    let (writer, writer_thread) = Writer::start(conn, config.writer, metrics.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let alerts = AlertSink::new(config.alert_interval);
@@ -95,7 +98,7 @@ pub async fn run(
         stop_rx.clone(),
     ));
     let limits = config.limits;
-    let service = CollectorService::new(writer, alerts, limits, stop_rx.clone());
+    let service = CollectorService::new(writer, alerts, limits, metrics.clone(), stop_rx.clone());
     let grpc_server = tonic::transport::Server::builder()
         // Dead sidecars (a node gone without a FIN) must not hold a stream slot forever.
         .tcp_keepalive(Some(Duration::from_secs(60)))
@@ -107,7 +110,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
     let http_server = axum::serve(
         http,
-        http::router(config.db_path.clone(), config.module.clone()),
+        http::router(config.db_path.clone(), config.module.clone(), metrics),
     )
     .with_graceful_shutdown(stopped(stop_rx.clone()));
 

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
@@ -17,8 +16,6 @@ use dialguard_proto::v1::{
 };
 use rusqlite::Connection;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -52,33 +49,6 @@ fn assert_invalid_argument(status: &Status, needle: &str) {
         "status message {:?} does not mention {needle:?}",
         status.message()
     );
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
-    bounded("an HTTP GET", async {
-        let mut stream = TcpStream::connect(addr).await.expect("connect http");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .expect("write request");
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.expect("read response");
-        let raw = String::from_utf8(raw).expect("UTF-8 response");
-        let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP head");
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status code");
-        let head = head.to_ascii_lowercase();
-        assert!(
-            !head.contains("transfer-encoding: chunked"),
-            "chunked response not handled by this test: {head}"
-        );
-        (status, head, body.to_owned())
-    })
-    .await
 }
 
 // ---------------------------------------------------------------------------

@@ -21,7 +21,8 @@ use dialguard_proto::v1::{
     Verdict, collector_message, sidecar_message,
 };
 use rusqlite::{Connection, OpenFlags};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -195,6 +196,35 @@ impl Drop for ServeProcess {
 // ---------------------------------------------------------------------------
 // Messages
 // ---------------------------------------------------------------------------
+
+/// A plain HTTP/1.0 GET (no chunked responses to decode): status, lower-cased head, body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    try_http_get(addr, path)
+        .await
+        .unwrap_or_else(|err| panic!("GET http://{addr}{path}: {err}"))
+}
+
+/// As [`http_get`], with connection errors returned (a server still starting).
+pub async fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String, String)> {
+    bounded("an HTTP GET", async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        let raw = String::from_utf8_lossy(&raw);
+        let (head, body) = raw
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| std::io::Error::other("no HTTP head"))?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other("no status code"))?;
+        Ok((status, head.to_ascii_lowercase(), body.to_owned()))
+    })
+    .await
+}
 
 /// Polls `check` until it yields a value (bounded by WAIT).
 pub async fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {

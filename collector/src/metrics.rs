@@ -1,0 +1,220 @@
+//! The collector's own Prometheus metrics, served at `GET /metrics`
+//! (OpenMetrics text). Label sets are bounded: misrouted connections are
+//! labelled by source namespace, verdict and port for the first
+//! `MAX_MISROUTE_SERIES` combinations, and as `other` after that.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Distinct (namespace, verdict, port) series before new ones fold into `other`.
+const MAX_MISROUTE_SERIES: usize = 1_000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MisrouteLabels {
+    pub source_namespace: String,
+    pub verdict: String,
+    pub port: String,
+}
+
+/// Every metric, cheap to clone (the handles share their values).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub events_received: Counter,
+    pub events_stored: Counter,
+    pub events_duplicate: Counter,
+    pub events_rejected: Family<ReasonLabels, Counter>,
+    pub events_sampled_out: Counter,
+    pub sidecar_dropped_events: Counter,
+    pub streams_connected: Gauge,
+    pub streams_refused: Family<ReasonLabels, Counter>,
+    pub commit_duration: Histogram,
+    misrouted: Family<MisrouteLabels, Counter>,
+    misroute_series: Arc<Mutex<HashSet<MisrouteLabels>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("dialguard");
+        let events_received = Counter::default();
+        let events_stored = Counter::default();
+        let events_duplicate = Counter::default();
+        let events_rejected = Family::<ReasonLabels, Counter>::default();
+        let events_sampled_out = Counter::default();
+        let sidecar_dropped_events = Counter::default();
+        let streams_connected = Gauge::default();
+        let streams_refused = Family::<ReasonLabels, Counter>::default();
+        // 0.5 ms to about 8 s.
+        let commit_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 15));
+        let misrouted = Family::<MisrouteLabels, Counter>::default();
+        registry.register(
+            "events_received",
+            "Events received from sidecars (valid or not, resends included)",
+            events_received.clone(),
+        );
+        registry.register(
+            "events_stored",
+            "Events stored and counted for the first time",
+            events_stored.clone(),
+        );
+        registry.register(
+            "events_duplicate",
+            "Events received again (resends after a lost acknowledgement); acknowledged, not counted twice",
+            events_duplicate.clone(),
+        );
+        registry.register(
+            "events_rejected",
+            "Events refused, by the field that was invalid",
+            events_rejected.clone(),
+        );
+        registry.register(
+            "events_sampled_out",
+            "Events counted in the aggregates whose raw row was not kept (overload)",
+            events_sampled_out.clone(),
+        );
+        registry.register(
+            "sidecar_dropped_events",
+            "Events sidecars dropped before sending them (their buffer was full)",
+            sidecar_dropped_events.clone(),
+        );
+        registry.register(
+            "streams_connected",
+            "Sidecar streams open now (identified by hello)",
+            streams_connected.clone(),
+        );
+        registry.register(
+            "streams_refused",
+            "Streams ended by the collector, by reason",
+            streams_refused.clone(),
+        );
+        registry.register(
+            "commit_duration_seconds",
+            "Time to commit one group of batches to the database",
+            commit_duration.clone(),
+        );
+        registry.register(
+            "misrouted_connections",
+            "Connections reported by sidecars (misrouted, blackholed, redirected), by source namespace, verdict and dialed port",
+            misrouted.clone(),
+        );
+        // Labelled series exist from the start at 0, so that Prometheus'
+        // increase() sees the first refusal too.
+        for reason in crate::event::CHECKED_FIELDS {
+            let _ = events_rejected.get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            });
+        }
+        for reason in crate::ingest::IngestError::REASONS {
+            let _ = streams_refused.get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            });
+        }
+        Self {
+            registry: Arc::new(registry),
+            events_received,
+            events_stored,
+            events_duplicate,
+            events_rejected,
+            events_sampled_out,
+            sidecar_dropped_events,
+            streams_connected,
+            streams_refused,
+            commit_duration,
+            misrouted,
+            misroute_series: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+
+    pub fn reject_event(&self, field: &str) {
+        self.events_rejected
+            .get_or_create(&ReasonLabels {
+                reason: field.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn refuse_stream(&self, reason: &str) {
+        self.streams_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn observe_commit(&self, took: Duration) {
+        self.commit_duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts one reported connection; past the series cap, under `other`.
+    pub fn misrouted(&self, source_namespace: &str, verdict: &str, port: u16) {
+        let labels = MisrouteLabels {
+            source_namespace: source_namespace.to_string(),
+            verdict: verdict.to_string(),
+            port: port.to_string(),
+        };
+        let labels = match self.misroute_series.lock() {
+            Ok(series) if series.contains(&labels) => labels,
+            Ok(mut series) if series.len() < MAX_MISROUTE_SERIES => {
+                series.insert(labels.clone());
+                labels
+            }
+            _ => MisrouteLabels {
+                source_namespace: "other".into(),
+                verdict: verdict.to_string(),
+                port: "other".into(),
+            },
+        };
+        self.misrouted.get_or_create(&labels).inc();
+    }
+
+    /// The exposition text (OpenMetrics).
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn misroute_series_are_capped() {
+        let metrics = Metrics::new();
+        for port in 0..(MAX_MISROUTE_SERIES as u16 + 50) {
+            metrics.misrouted("manager", "misrouted", port);
+        }
+        let text = metrics.encode().unwrap_or_default();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("dialguard_misrouted_connections_total{"))
+            .count();
+        assert_eq!(series, MAX_MISROUTE_SERIES + 1, "capped plus one `other`");
+        assert!(text.contains(
+            r#"dialguard_misrouted_connections_total{source_namespace="other",verdict="misrouted",port="other"} 50"#
+        ));
+    }
+}
