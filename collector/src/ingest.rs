@@ -15,6 +15,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::alert::AlertSink;
+use crate::alertmanager::AlertmanagerSink;
+use crate::directory::Directory;
 use crate::event::ValidEvent;
 use crate::metrics::Metrics;
 use crate::store::{Batch, StoreError, Writer};
@@ -82,10 +84,18 @@ impl From<IngestError> for Status {
     }
 }
 
+/// Everyone told about newly stored reported connections.
+#[derive(Debug, Clone)]
+pub struct Notify {
+    pub alerts: AlertSink,
+    pub alertmanager: Option<AlertmanagerSink>,
+    pub directory: Directory,
+}
+
 #[derive(Debug, Clone)]
 pub struct CollectorService {
     writer: Writer,
-    alerts: AlertSink,
+    notify: Notify,
     shutdown: watch::Receiver<bool>,
     limits: Limits,
     streams: Arc<Semaphore>,
@@ -95,14 +105,14 @@ pub struct CollectorService {
 impl CollectorService {
     pub fn new(
         writer: Writer,
-        alerts: AlertSink,
+        notify: Notify,
         limits: Limits,
         metrics: Metrics,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
             writer,
-            alerts,
+            notify,
             shutdown,
             limits,
             metrics,
@@ -188,6 +198,7 @@ impl CollectorService {
             }
         };
         tracing::info!(node = %hello.node_id, vm = %hello.vm_instance, "sidecar connected");
+        self.notify.directory.record(&hello);
         self.writer
             .seen(Arc::clone(&hello), crate::time::now_unix_nanos())
             .await?;
@@ -254,7 +265,10 @@ impl CollectorService {
                 })
                 .await?;
             self.count_stored(hello, valid, &committed.new_events);
-            self.alerts.misrouted(hello, &committed.new_events);
+            self.notify.alerts.misrouted(hello, &committed.new_events);
+            if let Some(alertmanager) = &self.notify.alertmanager {
+                alertmanager.observe(hello, &committed.new_events, &self.notify.directory);
+            }
             let ack = CollectorMessage {
                 kind: Some(collector_message::Kind::Ack(Ack {
                     through_sequence: through,

@@ -7,6 +7,8 @@
 //! start the real server in-process on port 0.
 
 pub mod alert;
+pub mod alertmanager;
+pub mod directory;
 pub mod event;
 pub mod http;
 pub mod ingest;
@@ -25,8 +27,10 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::alert::AlertSink;
-use crate::ingest::CollectorService;
+use crate::alertmanager::AlertmanagerConfig;
+use crate::directory::Directory;
 pub use crate::ingest::Limits;
+use crate::ingest::{CollectorService, Notify};
 use crate::metrics::Metrics;
 use crate::store::{StoreError, Writer, WriterConfig};
 
@@ -45,6 +49,8 @@ pub struct ServeConfig {
     pub retention_every: Duration,
     /// At most one alert line per aggregation key per this interval.
     pub alert_interval: Duration,
+    /// Push misroutes to this Alertmanager too.
+    pub alertmanager: Option<AlertmanagerConfig>,
     pub writer: WriterConfig,
 }
 
@@ -59,6 +65,7 @@ impl ServeConfig {
             retention: Some(DEFAULT_RETENTION),
             retention_every: Duration::from_secs(600),
             alert_interval: Duration::from_secs(60),
+            alertmanager: None,
             writer: WriterConfig::default(),
         }
     }
@@ -86,6 +93,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let conn = store::open_for_writing(&config.db_path)?;
+    let directory = Directory::load(store::directory(&conn)?);
     let metrics = Metrics::new();
     let (writer, writer_thread) = Writer::start(conn, config.writer, metrics.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -98,7 +106,21 @@ pub async fn run(
         stop_rx.clone(),
     ));
     let limits = config.limits;
-    let service = CollectorService::new(writer, alerts, limits, metrics.clone(), stop_rx.clone());
+    let alertmanager = config
+        .alertmanager
+        .clone()
+        .map(|am| alertmanager::start(am, stop_rx.clone()));
+    let service = CollectorService::new(
+        writer,
+        Notify {
+            alerts,
+            alertmanager,
+            directory,
+        },
+        limits,
+        metrics.clone(),
+        stop_rx.clone(),
+    );
     let grpc_server = tonic::transport::Server::builder()
         // Dead sidecars (a node gone without a FIN) must not hold a stream slot forever.
         .tcp_keepalive(Some(Duration::from_secs(60)))

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use dialguard_collector::alertmanager::AlertmanagerConfig;
 use dialguard_collector::http::Module;
 use dialguard_collector::{Limits, ServeConfig, report, store};
 use dialguard_envoyfilter::rollout::{self, CollectorManifests, RolloutArgs};
@@ -87,6 +88,16 @@ struct ServeFlags {
     /// interval; the next line counts the ones held back. 0s prints every one.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     alert_interval: Duration,
+    /// Also push misroutes to this Alertmanager (v2 API), e.g.
+    /// http://alertmanager.monitoring:9093. Pushing never delays ingest.
+    #[arg(long)]
+    alertmanager: Option<String>,
+    /// How often active alerts are re-sent to Alertmanager.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    alertmanager_resend: Duration,
+    /// An alert resolves once its misroute has been quiet this long.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    alertmanager_resolve_after: Duration,
     /// How long open streams get to finish on SIGTERM/SIGINT.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -94,6 +105,17 @@ struct ServeFlags {
 
 #[derive(Debug, Clone, Copy)]
 struct Retention(Option<Duration>);
+
+fn parse_alertmanager_url(text: &str) -> anyhow::Result<String> {
+    let url = url::Url::parse(text).with_context(|| {
+        format!("--alertmanager {text:?}: expected a URL such as http://alertmanager:9093")
+    })?;
+    anyhow::ensure!(
+        matches!(url.scheme(), "http" | "https") && url.host().is_some(),
+        "--alertmanager {text:?}: expected an http:// or https:// URL with a host"
+    );
+    Ok(text.trim_end_matches('/').to_string())
+}
 
 fn parse_retention(text: &str) -> Result<Retention, String> {
     if text == "off" {
@@ -236,6 +258,15 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
         },
         retention: flags.retention.0,
         alert_interval: flags.alert_interval,
+        alertmanager: flags
+            .alertmanager
+            .map(|url| parse_alertmanager_url(&url))
+            .transpose()?
+            .map(|url| AlertmanagerConfig {
+                url,
+                resend_every: flags.alertmanager_resend,
+                resolve_after: flags.alertmanager_resolve_after,
+            }),
         ..ServeConfig::new(flags.db)
     };
     let (grpc, http) = (flags.grpc, flags.http);

@@ -41,6 +41,9 @@ pub struct ReportRow {
     /// The row in one sentence.
     #[serde(default)]
     pub summary: String,
+    /// What usually fixes it (from the field incidents).
+    #[serde(default)]
+    pub fix: String,
 }
 
 /// Who the application meant to reach.
@@ -100,6 +103,7 @@ pub fn query(conn: &Connection) -> Result<Report, StoreError> {
                 capturing_service: row.get(9)?,
                 upstream_workload: row.get(10)?,
                 summary: String::new(),
+                fix: String::new(),
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -132,7 +136,42 @@ fn enrich(mut row: ReportRow, directory: &HashMap<IpAddr, DirectoryEntry>) -> Re
             last_seen: rfc3339(entry.last_seen_ns),
         });
     row.summary = summary(&row);
+    let port = row
+        .original_destination
+        .parse::<SocketAddr>()
+        .map_or(0, |a| a.port());
+    row.fix = remediation(&row.capturing_service, port, &row.verdict);
     row
+}
+
+/// The usual fix for a reported connection, after ../shared/INCIDENT.md:
+/// the capturing service declares a shared TCP port, so its catch-all
+/// listener takes every connection to that port, pod IPs included.
+pub fn remediation(capturing_service: &str, port: u16, verdict: &str) -> String {
+    if verdict == "redirected" {
+        return format!(
+            "An address outside the pod and service ranges on port {port} was sent elsewhere, \
+             typically an external host resolved by DNS: if that is expected, allow it \
+             (allow rule by cluster or destinationCidr); otherwise treat it like a misroute."
+        );
+    }
+    let culprit = if capturing_service.is_empty() {
+        format!(
+            "A Service or ServiceEntry declaring port {port} (find it with `dialguard analyze` \
+             on this sidecar's config dump)"
+        )
+    } else {
+        format!("{capturing_service}, which declares port {port},")
+    };
+    format!(
+        "{culprit} makes every sidecar capture connections to pod IPs on port {port} \
+         (catch-all listener 0.0.0.0_{port}). Fix: do not declare port {port} on that \
+         ExternalName Service or address-less ServiceEntry (give the ServiceEntry \
+         `addresses`, or use a VirtualService to redirect instead of swapping Service \
+         types); or restrict its visibility (`exportTo`, a Sidecar resource); or move \
+         one of the services to its own port or to TLS with SNI; and name ports with \
+         their protocol (tcp-, http-, grpc-)."
+    )
 }
 
 /// "manager/manager dialed pod manager-7948-sh7rx (10.0.1.7:5701) and

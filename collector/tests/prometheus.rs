@@ -6,48 +6,18 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use dialguard_proto::v1::SocketAddress;
 use serde_json::Value;
 
-/// Prometheus itself, killed (by its PID) when dropped.
-struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn repo_file(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(relative)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
+/// Prometheus itself, scraping the collector every second.
+struct Prometheus(Daemon);
 
 impl Prometheus {
     fn start(dir: &Path, collector_http: SocketAddr) -> Self {
-        let binary = std::env::var("DIALGUARD_PROMETHEUS").unwrap_or("/usr/bin/prometheus".into());
-        assert!(
-            Path::new(&binary).exists(),
-            "{binary} not found: install Debian's `prometheus` (.ci/run does) or set DIALGUARD_PROMETHEUS"
-        );
         let config = dir.join("prometheus.yml");
         std::fs::write(
             &config,
@@ -60,31 +30,26 @@ impl Prometheus {
             ),
         )
         .expect("write prometheus.yml");
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let log = dir.join("prometheus.log");
-        let log_file = std::fs::File::create(&log).expect("prometheus log");
-        let child = Command::new(binary)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("log file"))
-            .stderr(log_file)
-            .spawn()
-            .expect("start prometheus");
-        Self { child, addr, log }
+        let data = dir.join("data");
+        Self(Daemon::start(
+            "/usr/bin/prometheus",
+            "DIALGUARD_PROMETHEUS",
+            "prometheus",
+            dir,
+            free_addr(),
+            |addr| {
+                vec![
+                    format!("--config.file={}", config.display()),
+                    format!("--storage.tsdb.path={}", data.display()),
+                    format!("--web.listen-address={addr}"),
+                ]
+            },
+        ))
     }
 
     /// The API's `data` for a GET, or None while Prometheus is not ready.
     async fn api(&self, path: &str) -> Option<Value> {
-        let (status, _, body) = try_http_get(self.addr, path).await.ok()?;
-        if status != 200 {
-            return None;
-        }
-        let value: Value = serde_json::from_str(&body).ok()?;
+        let value = self.0.get_json(path).await?;
         (value["status"] == "success").then(|| value["data"].clone())
     }
 
@@ -106,7 +71,7 @@ impl Prometheus {
         panic!(
             "{promql} never became {want} (last: {:?}); prometheus log:\n{}",
             self.query(promql).await,
-            std::fs::read_to_string(&self.log).unwrap_or_default()
+            self.0.output()
         );
     }
 }

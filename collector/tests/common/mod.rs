@@ -197,6 +197,82 @@ impl Drop for ServeProcess {
 // Messages
 // ---------------------------------------------------------------------------
 
+/// A server from Debian's packages (Prometheus, Alertmanager) started by a
+/// test on a free loopback port, its output in `log`; killed by its PID when
+/// dropped.
+pub struct Daemon {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `binary` (or the path in `env_override`) listening on `addr`
+    /// (which `args` puts on its command line).
+    pub fn start(
+        binary: &str,
+        env_override: &str,
+        package: &str,
+        dir: &Path,
+        addr: SocketAddr,
+        args: impl FnOnce(SocketAddr) -> Vec<String>,
+    ) -> Self {
+        let binary = std::env::var(env_override).unwrap_or(binary.into());
+        assert!(
+            Path::new(&binary).exists(),
+            "{binary} not found: install Debian's `{package}` (.ci/run does) or set {env_override}"
+        );
+        let name = Path::new(&binary)
+            .file_name()
+            .map_or("daemon".into(), |n| n.to_string_lossy().into_owned());
+        let log = dir.join(format!("{name}.log"));
+        let log_file = std::fs::File::create(&log).expect("daemon log");
+        let child = Command::new(&binary)
+            .args(args(addr))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log file"))
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|err| panic!("starting {binary}: {err}"));
+        Self { child, addr, log }
+    }
+
+    /// Its output so far, for failure messages.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The JSON body of a GET that answered 200, or None (not ready, or an error).
+    pub async fn get_json(&self, path: &str) -> Option<serde_json::Value> {
+        let (status, _, body) = try_http_get(self.addr, path).await.ok()?;
+        if status != 200 {
+            return None;
+        }
+        serde_json::from_str(&body).ok()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+/// A file of this repository, by its path from the root.
+pub fn repo_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
+}
+
 /// A plain HTTP/1.0 GET (no chunked responses to decode): status, lower-cased head, body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
     try_http_get(addr, path)
