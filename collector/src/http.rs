@@ -119,16 +119,26 @@ async fn module_sha256(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn report_json(State(state): State<AppState>) -> Result<Json<Report>, (StatusCode, String)> {
+/// `GET /api/v1/report[?since=&until=&namespace=&verdict=&port=]`: the
+/// report, filtered as `dialguard report` filters it. A bad parameter gets
+/// 400 and `{"error": "<parameter> \"<value>\": expected ..."}`.
+async fn report_json(
+    State(state): State<AppState>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Json<Report>, (StatusCode, Json<serde_json::Value>)> {
+    let error = |status, message: String| (status, Json(serde_json::json!({ "error": message })));
+    let filter = report::FilterArgs::from_query(query.as_deref().unwrap_or(""))
+        .and_then(|args| args.resolve(std::time::SystemTime::now()))
+        .map_err(|err| error(StatusCode::BAD_REQUEST, err.to_string()))?;
     let db_path = state.db_path;
     let result = tokio::task::spawn_blocking(move || {
         let conn = store::open_for_reading(&db_path)?;
-        report::query(&conn)
+        report::query_filtered(&conn, &filter)
     })
     .await;
     match result {
         Ok(Ok(report)) => Ok(Json(report)),
-        Ok(Err(err)) => Err((StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n"))),
-        Err(err) => Err((StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n"))),
+        Ok(Err(err)) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
+        Err(err) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
     }
 }

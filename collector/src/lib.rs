@@ -8,6 +8,7 @@
 
 pub mod alert;
 pub mod alertmanager;
+pub mod auth;
 pub mod directory;
 pub mod event;
 pub mod http;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod report;
 pub mod store;
 pub mod time;
+pub mod tls;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -24,15 +26,18 @@ use std::time::Duration;
 use dialguard_proto::v1::collector_server::CollectorServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 
 use crate::alert::AlertSink;
 use crate::alertmanager::AlertmanagerConfig;
+use crate::auth::HttpToken;
 use crate::directory::Directory;
 pub use crate::ingest::Limits;
 use crate::ingest::{CollectorService, Notify};
 use crate::metrics::Metrics;
 use crate::store::{StoreError, Writer, WriterConfig};
+use crate::tls::TlsConfig;
 
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -52,6 +57,10 @@ pub struct ServeConfig {
     /// Push misroutes to this Alertmanager too.
     pub alertmanager: Option<AlertmanagerConfig>,
     pub writer: WriterConfig,
+    /// TLS on both listeners (and, if it says so, client certificates on gRPC).
+    pub tls: Option<TlsConfig>,
+    /// The HTTP API requires this bearer token (see [`auth`] for the open paths).
+    pub http_token: Option<HttpToken>,
 }
 
 impl ServeConfig {
@@ -67,6 +76,8 @@ impl ServeConfig {
             alert_interval: Duration::from_secs(60),
             alertmanager: None,
             writer: WriterConfig::default(),
+            tls: None,
+            http_token: None,
         }
     }
 }
@@ -126,18 +137,46 @@ pub async fn run(
         .tcp_keepalive(Some(Duration::from_secs(60)))
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Flow control bounds what each connection can buffer before ingest
+        // reads it (hyper's default is 1 MiB per stream and connection,
+        // 2 GiB at 2,000 sidecars); 256 KiB still holds two full batches.
+        .initial_stream_window_size(Some(256 << 10))
+        .initial_connection_window_size(Some(256 << 10))
         .add_service(
             CollectorServer::new(service).max_decoding_message_size(limits.max_message_bytes),
-        )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
-    let http_server = axum::serve(
-        http,
-        http::router(config.db_path.clone(), config.module.clone(), metrics),
-    )
-    .with_graceful_shutdown(stopped(stop_rx.clone()));
+        );
+    let grpc_stopped = stopped(stop_rx.clone());
+    let grpc_task = match &config.tls {
+        None => {
+            let incoming = TcpListenerStream::new(grpc);
+            tokio::spawn(grpc_server.serve_with_incoming_shutdown(incoming, grpc_stopped))
+        }
+        Some(tls) => {
+            let established = tls::accept(grpc, tls.grpc(), stop_rx.clone());
+            let incoming = ReceiverStream::new(established).map(Ok::<_, std::io::Error>);
+            tokio::spawn(grpc_server.serve_with_incoming_shutdown(incoming, grpc_stopped))
+        }
+    };
 
-    let grpc_task = tokio::spawn(grpc_server);
-    let http_task = tokio::spawn(http_server.into_future());
+    let mut app = http::router(config.db_path.clone(), config.module.clone(), metrics);
+    if let Some(token) = config.http_token.clone() {
+        app = auth::require_token(app, token);
+    }
+    let http_task = match &config.tls {
+        None => tokio::spawn(
+            axum::serve(http, app)
+                .with_graceful_shutdown(stopped(stop_rx.clone()))
+                .into_future(),
+        ),
+        Some(tls) => {
+            let listener = tls::TlsListener::new(http, tls.http(), stop_rx.clone())?;
+            tokio::spawn(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .into_future(),
+            )
+        }
+    };
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);

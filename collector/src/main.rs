@@ -3,14 +3,16 @@
 //! Istio resources that install the filter.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use dialguard_collector::alertmanager::AlertmanagerConfig;
+use dialguard_collector::auth::HttpToken;
 use dialguard_collector::http::Module;
+use dialguard_collector::tls::{TlsConfig, TlsFiles, read_certificates};
 use dialguard_collector::{Limits, ServeConfig, report, store};
 use dialguard_envoyfilter::rollout::{self, CollectorManifests, RolloutArgs};
 
@@ -32,13 +34,9 @@ enum Command {
     /// Print the Kubernetes resources (EnvoyFilter or WasmPlugin, and
     /// optionally the collector) that install dialguard in selected namespaces.
     Rollout(RolloutFlags),
-    /// Print the audit report from a database (also while `serve` runs on it).
-    Report {
-        #[arg(long)]
-        db: PathBuf,
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
-    },
+    /// Print the audit report from a database (also while `serve` runs on
+    /// it) or from a running collector's HTTP API.
+    Report(ReportFlags),
     /// List the ports where a catch-all listener sends plain TCP somewhere
     /// other than PassthroughCluster (exit code 1 when there are any).
     ///
@@ -55,12 +53,29 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct ServeFlags {
-    /// gRPC listen address for sidecar streams.
+    /// gRPC listen address for sidecar streams. Loopback unless given:
+    /// pass e.g. 0.0.0.0:50051 to accept other hosts (then use --tls-cert).
     #[arg(long, default_value = "127.0.0.1:50051")]
     grpc: SocketAddr,
-    /// HTTP listen address (health, report API).
+    /// HTTP listen address (health, report API, metrics). Loopback unless given.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
+    /// Serve both gRPC and HTTP over TLS with this certificate chain (PEM,
+    /// leaf first); needs --tls-key.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require gRPC clients to present a certificate issued by a CA in this
+    /// PEM file (mutual TLS); needs --tls-cert.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    grpc_client_ca: Option<PathBuf>,
+    /// Require `Authorization: Bearer <token>` on the HTTP API and /metrics,
+    /// with the token read from this file (kept out of `ps`). /healthz and
+    /// the module stay open.
+    #[arg(long, value_name = "PATH")]
+    http_token_file: Option<PathBuf>,
     /// SQLite database file; created if missing.
     #[arg(long)]
     db: PathBuf,
@@ -105,6 +120,195 @@ struct ServeFlags {
 
 #[derive(Debug, Clone, Copy)]
 struct Retention(Option<Duration>);
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["db", "server"])))]
+struct ReportFlags {
+    /// The collector's SQLite database (read-only; fine while `serve` runs).
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// A running collector's HTTP address (its --http), e.g.
+    /// http://dialguard.dialguard:8080: reads GET /api/v1/report.
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// With --server: send `Authorization: Bearer <token>`, the token read
+    /// from this file (the collector's --http-token-file).
+    #[arg(long, value_name = "PATH", requires = "server")]
+    token_file: Option<PathBuf>,
+    /// With --server https://…: trust the CA certificates in this PEM file
+    /// instead of the built-in public roots.
+    #[arg(long, value_name = "PATH", requires = "server")]
+    ca: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    format: ReportFormat,
+    /// Rows whose connections went on at or after this: an RFC 3339 time
+    /// (2026-11-26T07:00:00Z) or a duration meaning that long ago (24h, 7d).
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Rows whose connections began at or before this (same forms as --since).
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Only connections from workloads in this namespace.
+    #[arg(long, value_name = "NS")]
+    namespace: Option<String>,
+    /// Only this verdict: misrouted, blackholed or redirected.
+    #[arg(long)]
+    verdict: Option<String>,
+    /// Only connections dialed to this destination port.
+    #[arg(long, value_name = "N")]
+    port: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ReportFormat {
+    Table,
+    Json,
+    Csv,
+    /// One self-contained page (no external resources).
+    Html,
+}
+
+/// How long `report --server` waits for the collector, connecting included.
+const REPORT_SERVER_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn report_command(flags: ReportFlags) -> anyhow::Result<()> {
+    // Validated here whatever the source, so --server gets the same errors
+    // (and relative times count back from this machine's clock).
+    let filter = report::FilterArgs {
+        since: flags.since,
+        until: flags.until,
+        namespace: flags.namespace,
+        verdict: flags.verdict,
+        port: flags.port,
+    }
+    .resolve(std::time::SystemTime::now())
+    .map_err(|err| anyhow::anyhow!(err.flag_message()))?;
+    let report = match (&flags.db, &flags.server) {
+        (Some(db), _) => {
+            let conn = store::open_for_reading(db)?;
+            report::query_filtered(&conn, &filter)?
+        }
+        (None, Some(server)) => {
+            let access = ServerAccess::load(flags.token_file.as_deref(), flags.ca.as_deref())?;
+            fetch_report(server, &filter, &access)?
+        }
+        (None, None) => anyhow::bail!("--db PATH or --server URL is required"),
+    };
+    // Rendered in full before printing: an error leaves no partial output.
+    let text = match flags.format {
+        ReportFormat::Table => report::render_table(&report),
+        ReportFormat::Json => serde_json::to_string_pretty(&report)? + "\n",
+        ReportFormat::Csv => report::render_csv(&report).context("writing CSV")?,
+        ReportFormat::Html => report::html::render_html(
+            &report,
+            &dialguard_collector::time::rfc3339(dialguard_collector::time::now_unix_nanos()),
+        ),
+    };
+    print!("{text}");
+    Ok(())
+}
+
+/// `GET {server}/api/v1/report?{filter}`, with the collector's `{"error"}`
+/// message shown when it refuses.
+fn fetch_report(
+    server: &str,
+    filter: &report::ReportFilter,
+    access: &ServerAccess,
+) -> anyhow::Result<report::Report> {
+    let base = url::Url::parse(server)
+        .ok()
+        .filter(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--server {server:?}: expected an http:// or https:// URL such as http://127.0.0.1:8080"
+            )
+        })?;
+    // Joined below the path given (a collector behind a path prefix), not beside it.
+    let mut base = base;
+    if !base.path().ends_with('/') {
+        base.set_path(&format!("{}/", base.path()));
+    }
+    let mut url = base
+        .join("api/v1/report")
+        .with_context(|| format!("--server {server:?}"))?;
+    let query = filter.to_query();
+    url.set_query((!query.is_empty()).then_some(query.as_str()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let client = access
+            .client_builder()
+            .timeout(REPORT_SERVER_TIMEOUT)
+            .build()
+            .context("building the HTTP client")?;
+        let response = access
+            .authorize(client.get(url.clone()))
+            .send()
+            .await
+            .with_context(|| format!("--server: GET {url}"))?;
+        let status = response.status();
+        let body = response
+            .text()
+            .await
+            .with_context(|| format!("--server: reading the answer to GET {url}"))?;
+        if !status.is_success() {
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                .unwrap_or_else(|| body.trim().chars().take(500).collect());
+            anyhow::bail!("--server: GET {url} answered {status}: {message}");
+        }
+        serde_json::from_str(&body)
+            .with_context(|| format!("--server: GET {url}: not a dialguard report"))
+    })
+}
+
+/// What `report --server` needs beyond the URL: `--token-file` and `--ca`.
+#[derive(Debug, Default)]
+struct ServerAccess {
+    token: Option<HttpToken>,
+    ca: Vec<reqwest::Certificate>,
+}
+
+impl ServerAccess {
+    fn load(token_file: Option<&Path>, ca: Option<&Path>) -> anyhow::Result<Self> {
+        let token = token_file
+            .map(|path| HttpToken::load("--token-file", path))
+            .transpose()?;
+        let ca = match ca {
+            None => Vec::new(),
+            Some(path) => read_certificates("--ca", path)?
+                .iter()
+                .map(|der| {
+                    reqwest::Certificate::from_der(der).with_context(|| {
+                        format!("--ca {}: not a usable certificate", path.display())
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?,
+        };
+        Ok(Self { token, ca })
+    }
+
+    fn client_builder(&self) -> reqwest::ClientBuilder {
+        let mut builder = reqwest::Client::builder();
+        if !self.ca.is_empty() {
+            builder = builder.use_rustls_tls().tls_built_in_root_certs(false);
+            for certificate in &self.ca {
+                builder = builder.add_root_certificate(certificate.clone());
+            }
+        }
+        builder
+    }
+
+    fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token.secret()),
+            None => request,
+        }
+    }
+}
 
 fn parse_alertmanager_url(text: &str) -> anyhow::Result<String> {
     let url = url::Url::parse(text).with_context(|| {
@@ -228,15 +432,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Rollout(flags) => rollout(flags),
         Command::Analyze { file, format } => analyze_file(&file, format),
-        Command::Report { db, format } => {
-            let conn = store::open_for_reading(&db)?;
-            let report = report::query(&conn)?;
-            match format {
-                Format::Table => print!("{}", report::render_table(&report)),
-                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-            }
-            Ok(())
-        }
+        Command::Report(flags) => report_command(flags),
     }
 }
 
@@ -267,6 +463,20 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
                 resend_every: flags.alertmanager_resend,
                 resolve_after: flags.alertmanager_resolve_after,
             }),
+        tls: match (flags.tls_cert, flags.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsConfig::load(&TlsFiles {
+                cert,
+                key,
+                grpc_client_ca: flags.grpc_client_ca,
+            })?),
+            // clap enforces both or neither (`requires`).
+            _ => None,
+        },
+        http_token: flags
+            .http_token_file
+            .as_deref()
+            .map(|path| HttpToken::load("--http-token-file", path))
+            .transpose()?,
         ..ServeConfig::new(flags.db)
     };
     let (grpc, http) = (flags.grpc, flags.http);
@@ -276,16 +486,27 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
     let http = tokio::net::TcpListener::bind(http)
         .await
         .with_context(|| format!("--http {http}: cannot listen"))?;
-    // A fixed line, whatever the log level: scripts and tests read the ports from it.
+    let security = match &config.tls {
+        Some(tls) if tls.grpc_client_auth() => "tls=on grpc-client-certs=required",
+        Some(_) => "tls=on",
+        None => "tls=off",
+    };
+    // A fixed first line, whatever the log level: scripts and tests read the ports from it.
     eprintln!(
-        "dialguard: listening grpc={} http={} db={}",
+        "dialguard: listening grpc={} http={} db={} {security}",
         grpc.local_addr()?,
         http.local_addr()?,
         config.db_path.display()
     );
+    warn_if_exposed(&config, grpc.local_addr()?, http.local_addr()?);
     if let Some(module) = &config.module {
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         eprintln!(
-            "dialguard: serving module sha256={} at http://{}{}",
+            "dialguard: serving module sha256={} at {scheme}://{}{}",
             module.sha256,
             http.local_addr()?,
             dialguard_collector::http::MODULE_PATH
@@ -293,6 +514,28 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
     }
     dialguard_collector::run(grpc, http, config, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Warns on stderr about a listener that other hosts can reach without TLS
+/// (or, for HTTP, without a token): binding there is allowed, as inside a
+/// cluster, but should be a choice.
+fn warn_if_exposed(config: &ServeConfig, grpc: SocketAddr, http: SocketAddr) {
+    if config.tls.is_none() {
+        for (flag, addr) in [("--grpc", grpc), ("--http", http)] {
+            if !addr.ip().is_loopback() {
+                eprintln!(
+                    "dialguard: warning: {flag} {addr} is reachable from other hosts and TLS is off \
+                     (--tls-cert/--tls-key): traffic is plain text"
+                );
+            }
+        }
+    }
+    if config.http_token.is_none() && !http.ip().is_loopback() {
+        eprintln!(
+            "dialguard: warning: --http {http} is reachable from other hosts without \
+             --http-token-file: anyone who reaches it can read the report and metrics"
+        );
+    }
 }
 
 fn rollout(flags: RolloutFlags) -> anyhow::Result<()> {

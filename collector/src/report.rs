@@ -12,6 +12,11 @@ use serde::Serialize;
 use crate::store::{self, DirectoryEntry, StoreError};
 use crate::time::rfc3339;
 
+mod filter;
+pub mod html;
+
+pub use filter::{AppliedFilter, FilterArgs, FilterError, ReportFilter, VERDICTS};
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReportRow {
@@ -71,20 +76,32 @@ pub struct Report {
     /// collector was behind (raw rows are sampled then; counts stay exact).
     #[serde(default)]
     pub sampled_out_events: u64,
+    /// The filter the rows were selected with; absent when unfiltered. The
+    /// three gap counters above are never filtered (sidecars count them
+    /// without time or destination).
+    #[serde(default, skip_serializing_if = "AppliedFilter::is_empty")]
+    pub filter: AppliedFilter,
 }
 
-/// Reads the report; misrouted rows first, then by count.
+/// Reads the whole report; misrouted rows first, then by count.
 pub fn query(conn: &Connection) -> Result<Report, StoreError> {
+    query_filtered(conn, &ReportFilter::default())
+}
+
+/// Reads the rows that `filter` selects (in SQL, over the aggregates).
+pub fn query_filtered(conn: &Connection, filter: &ReportFilter) -> Result<Report, StoreError> {
     let directory = store::directory(conn)?;
-    let mut statement = conn.prepare(
+    let (condition, values) = filter.sql_condition();
+    let mut statement = conn.prepare(&format!(
         "SELECT source_workload, source_namespace, original_destination, upstream_host,
                 cluster, verdict, count, first_seen_ns, last_seen_ns, capturing_service,
                 upstream_workload
          FROM aggregates
-         ORDER BY verdict = 'misrouted' DESC, count DESC, original_destination",
-    )?;
+         WHERE {condition}
+         ORDER BY verdict = 'misrouted' DESC, count DESC, original_destination"
+    ))?;
     let rows = statement
-        .query_map([], |row| {
+        .query_map(rusqlite::params_from_iter(values), |row| {
             let upstream: String = row.get(3)?;
             let count: i64 = row.get(6)?;
             let first: i64 = row.get(7)?;
@@ -117,6 +134,7 @@ pub fn query(conn: &Connection) -> Result<Report, StoreError> {
         dropped_events: gaps.dropped,
         rejected_events: gaps.rejected,
         sampled_out_events: gaps.sampled_out,
+        filter: filter.applied(),
     })
 }
 
@@ -211,6 +229,54 @@ fn workload_name(istio_workload: &str) -> String {
     }
 }
 
+/// The table's columns as CSV, one header line and one line per row; the
+/// table's "cluster (service)" is split in two columns and absent values are
+/// empty cells.
+pub fn render_csv(report: &Report) -> Result<String, csv::Error> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    writer.write_record(CSV_HEADER)?;
+    for row in &report.rows {
+        let count = row.count.to_string();
+        let source = format!("{}/{}", row.source_namespace, row.source_workload);
+        let intended = row
+            .intended
+            .as_ref()
+            .map(|pod| format!("{}/{}", pod.namespace, pod.pod))
+            .unwrap_or_default();
+        writer.write_record([
+            row.verdict.as_str(),
+            &source,
+            &row.original_destination,
+            &intended,
+            row.upstream_host.as_deref().unwrap_or(""),
+            &row.cluster,
+            &row.capturing_service,
+            &count,
+            &row.first_seen,
+            &row.last_seen,
+        ])?;
+    }
+    let bytes = writer
+        .into_inner()
+        .map_err(|err| csv::Error::from(err.into_error()))?;
+    // Every field written is a String, so the output is UTF-8.
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The CSV columns: the table's, with cluster and capturing service apart.
+pub const CSV_HEADER: [&str; 10] = [
+    "verdict",
+    "source (ns/workload)",
+    "dialed",
+    "meant to reach",
+    "reached",
+    "cluster",
+    "capturing service",
+    "count",
+    "first seen",
+    "last seen",
+];
+
 /// A table for people.
 pub fn render_table(report: &Report) -> String {
     let mut table = Table::new();
@@ -247,8 +313,28 @@ pub fn render_table(report: &Report) -> String {
     }
     let mut out = table.to_string();
     out.push('\n');
+    let filtered = !report.filter.is_empty();
     if report.rows.is_empty() {
-        out.push_str("no misrouted or blackholed connections recorded\n");
+        out.push_str(if filtered {
+            "no reported connections match the filter\n"
+        } else {
+            "no misrouted or blackholed connections recorded\n"
+        });
+    }
+    if filtered {
+        // The effective filter, relative times resolved; as the HTTP API takes it.
+        let query = serde_json::to_value(&report.filter)
+            .ok()
+            .and_then(|value| value.as_object().cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, value)| match value {
+                serde_json::Value::String(text) => format!("{name}={text}"),
+                other => format!("{name}={other}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        out.push_str(&format!("filter: {query}\n"));
     }
     if report.rejected_events > 0 {
         out.push_str(&format!(

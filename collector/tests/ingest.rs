@@ -338,6 +338,7 @@ async fn the_report_has_the_documented_shape() {
                     and reached 10.0.3.9:9080 (bookinfo/ratings-v1) through \
                     outbound|9080||ratings.bookinfo.svc.cluster.local, captured by service \
                     ratings.bookinfo.svc.cluster.local",
+                "fix": report::remediation("ratings.bookinfo.svc.cluster.local", 9080, "misrouted"),
             },
             {
                 "sourceWorkload": "reviews-v1",
@@ -355,6 +356,7 @@ async fn the_report_has_the_documented_shape() {
                 "summary": "bookinfo/reviews-v1 dialed [fd00::7]:5432 and reached no host through \
                     outbound|9080||ratings.bookinfo.svc.cluster.local, captured by service \
                     ratings.bookinfo.svc.cluster.local",
+                "fix": report::remediation("ratings.bookinfo.svc.cluster.local", 5432, "blackholed"),
             },
         ],
         "droppedEvents": 2,

@@ -1,0 +1,403 @@
+//! TLS for both listeners (`serve --tls-cert/--tls-key`) and, on gRPC,
+//! client certificates (`--grpc-client-ca`, mutual TLS).
+//!
+//! The collector terminates TLS itself with rustls rather than through
+//! tonic's and axum's own TLS options: one loader gives the same checks and
+//! flag-naming errors for both listeners, and one acceptor does handshakes
+//! concurrently, each bounded in time, so a client that connects and says
+//! nothing holds no listener up.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::{InconsistentKeys, RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+
+/// How long a client gets to complete its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most handshakes in progress on one listener; further connections wait in
+/// the kernel's accept queue until one finishes.
+const MAX_PENDING_HANDSHAKES: usize = 256;
+
+/// The PEM files behind `--tls-cert`, `--tls-key` and `--grpc-client-ca`.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Require gRPC clients to present a certificate issued by one of these CAs.
+    pub grpc_client_ca: Option<PathBuf>,
+}
+
+/// The server side of TLS for the two listeners, loaded and checked.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    grpc: Arc<ServerConfig>,
+    http: Arc<ServerConfig>,
+    grpc_client_auth: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{flag} {}: cannot read: {source}", path.display())]
+    Read {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{flag} {}: {problem}", path.display())]
+    Invalid {
+        flag: &'static str,
+        path: PathBuf,
+        problem: String,
+    },
+    #[error(
+        "--tls-key {} does not belong to the certificate in --tls-cert {} (their public keys differ)",
+        key.display(),
+        cert.display()
+    )]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+}
+
+impl TlsConfig {
+    /// Reads and checks the files: each must hold PEM of the right kind, and
+    /// the key must match the certificate.
+    pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain = read_certificates("--tls-cert", &files.cert)?;
+        let key = read_private_key(&files.key)?;
+        check_key_matches(&provider, &chain, &key, files)?;
+
+        let config = |alpn: &[u8], client_ca: Option<&RootCertStore>| {
+            let builder = ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|err| invalid("--tls-cert", &files.cert, err))?;
+            let builder = match client_ca {
+                None => builder.with_no_client_auth(),
+                Some(roots) => {
+                    let verifier = WebPkiClientVerifier::builder_with_provider(
+                        Arc::new(roots.clone()),
+                        provider.clone(),
+                    )
+                    .build()
+                    .map_err(|err| invalid("--grpc-client-ca", ca_path(files), err))?;
+                    builder.with_client_cert_verifier(verifier)
+                }
+            };
+            let mut config = builder
+                .with_single_cert(chain.clone(), key.clone_key())
+                .map_err(|err| invalid("--tls-key", &files.key, err))?;
+            // The only protocol each listener speaks; a client offering
+            // something else fails the handshake instead of a later parse.
+            config.alpn_protocols = vec![alpn.to_vec()];
+            Ok(Arc::new(config))
+        };
+        let client_roots = files
+            .grpc_client_ca
+            .as_deref()
+            .map(read_client_roots)
+            .transpose()?;
+        Ok(Self {
+            grpc: config(b"h2", client_roots.as_ref())?,
+            http: config(b"http/1.1", None)?,
+            grpc_client_auth: client_roots.is_some(),
+        })
+    }
+
+    /// Whether gRPC clients must present a certificate (mutual TLS).
+    pub fn grpc_client_auth(&self) -> bool {
+        self.grpc_client_auth
+    }
+
+    pub(crate) fn grpc(&self) -> Arc<ServerConfig> {
+        self.grpc.clone()
+    }
+
+    pub(crate) fn http(&self) -> Arc<ServerConfig> {
+        self.http.clone()
+    }
+}
+
+fn ca_path(files: &TlsFiles) -> &Path {
+    files.grpc_client_ca.as_deref().unwrap_or(Path::new(""))
+}
+
+fn invalid(flag: &'static str, path: &Path, problem: impl std::fmt::Display) -> TlsError {
+    TlsError::Invalid {
+        flag,
+        path: path.to_owned(),
+        problem: problem.to_string(),
+    }
+}
+
+fn read_pem_file(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        flag,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The certificates in a PEM file; at least one. Errors name `flag`.
+pub fn read_certificates(
+    flag: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read_pem_file(flag, path)?;
+    let certificates = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| invalid(flag, path, format!("not valid PEM: {err}")))?;
+    if certificates.is_empty() {
+        // A common slip: the key file given where the certificate belongs.
+        let hint = match (PrivateKeyDer::from_pem_slice(&bytes), flag) {
+            (Ok(_), "--tls-cert") => " (it holds a private key: swapped with --tls-key?)",
+            (Ok(_), _) => " (it holds a private key)",
+            (Err(_), _) => "",
+        };
+        return Err(invalid(
+            flag,
+            path,
+            format!("no PEM certificate found (expected -----BEGIN CERTIFICATE-----){hint}"),
+        ));
+    }
+    Ok(certificates)
+}
+
+fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = read_pem_file("--tls-key", path)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|err| {
+        let problem = match err {
+            pem::Error::NoItemsFound => {
+                "no PEM private key found (expected -----BEGIN PRIVATE KEY-----, \
+                 RSA PRIVATE KEY or EC PRIVATE KEY)"
+                    .to_string()
+            }
+            other => format!("not valid PEM: {other}"),
+        };
+        invalid("--tls-key", path, problem)
+    })
+}
+
+fn read_client_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for certificate in read_certificates("--grpc-client-ca", path)? {
+        roots
+            .add(certificate)
+            .map_err(|err| invalid("--grpc-client-ca", path, format!("not a usable CA: {err}")))?;
+    }
+    Ok(roots)
+}
+
+/// Catches a key and a certificate that do not belong together at startup,
+/// naming the flag at fault, rather than as failed handshakes later.
+fn check_key_matches(
+    provider: &CryptoProvider,
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+    files: &TlsFiles,
+) -> Result<(), TlsError> {
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|err| {
+            invalid(
+                "--tls-key",
+                &files.key,
+                format!("unusable private key: {err}"),
+            )
+        })?;
+    match CertifiedKey::new(chain.to_vec(), signing_key).keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => Ok(()),
+        Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
+            Err(TlsError::KeyMismatch {
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+            })
+        }
+        Err(err) => Err(invalid(
+            "--tls-cert",
+            &files.cert,
+            format!("not a valid certificate: {err}"),
+        )),
+    }
+}
+
+/// A connection whose TLS handshake has completed.
+#[derive(Debug)]
+pub struct TlsConnection {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    local: Option<SocketAddr>,
+    peer: SocketAddr,
+}
+
+impl TlsConnection {
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for TlsConnection {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::TcpConnectInfo {
+            local_addr: self.local,
+            remote_addr: Some(self.peer),
+        }
+    }
+}
+
+/// Accepts connections on `listener` until `stop` turns true and yields
+/// those whose handshake succeeds. A failed handshake (no or an untrusted
+/// client certificate, plain text, a timeout) closes that connection only,
+/// before anything it sent reaches the server.
+pub fn accept(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    mut stop: watch::Receiver<bool>,
+) -> mpsc::Receiver<TlsConnection> {
+    let (established, rx) = mpsc::channel(16);
+    let acceptor = TlsAcceptor::from(config);
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    tokio::spawn(async move {
+        let stopping = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let mut stopping = std::pin::pin!(stopping);
+        loop {
+            let permit = tokio::select! {
+                () = &mut stopping => return,
+                permit = pending.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            let (tcp, peer) = tokio::select! {
+                () = &mut stopping => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors and the like: pause rather than spin.
+                        tracing::warn!("accepting a connection failed: {err}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let local = tcp.local_addr().ok();
+            let acceptor = acceptor.clone();
+            let established = established.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let connection = TlsConnection {
+                            stream,
+                            local,
+                            peer,
+                        };
+                        let _ = established.send(connection).await;
+                    }
+                    Ok(Err(err)) => tracing::info!("TLS handshake with {peer} failed: {err}"),
+                    Err(_) => tracing::info!(
+                        "TLS handshake with {peer} not done after {HANDSHAKE_TIMEOUT:?}; closed"
+                    ),
+                }
+            });
+        }
+    });
+    rx
+}
+
+/// [`accept`] as a listener for `axum::serve`.
+#[derive(Debug)]
+pub struct TlsListener {
+    established: mpsc::Receiver<TlsConnection>,
+    local_addr: SocketAddr,
+}
+
+impl TlsListener {
+    pub fn new(
+        listener: TcpListener,
+        config: Arc<ServerConfig>,
+        stop: watch::Receiver<bool>,
+    ) -> std::io::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        Ok(Self {
+            established: accept(listener, config, stop),
+            local_addr,
+        })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsConnection;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.established.recv().await {
+            Some(connection) => {
+                let peer = connection.peer_addr();
+                (connection, peer)
+            }
+            // Accepting has stopped (shutdown): axum's graceful shutdown ends the server.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local_addr)
+    }
+}
