@@ -2,13 +2,14 @@
 //! each acknowledged only after the store committed it. Invalid events are
 //! refused one by one (named in the ack); invalid streams end with a status.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use dialguard_proto::v1::collector_server::Collector;
 use dialguard_proto::v1::{
-    Ack, CollectorMessage, ConnectionEvent, Hello, Rejection, SidecarMessage, collector_message,
-    sidecar_message,
+    Ack, CollectorMessage, ConnectionEvent, EventBatch, Hello, Rejection, SidecarMessage,
+    collector_message, sidecar_message,
 };
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,7 +20,7 @@ use crate::alertmanager::AlertmanagerSink;
 use crate::directory::Directory;
 use crate::event::ValidEvent;
 use crate::metrics::Metrics;
-use crate::store::{Batch, StoreError, Writer};
+use crate::store::{Batch, Committed, PendingCommit, StoreError, Writer};
 
 /// What one stream, and the server as a whole, may send.
 #[derive(Debug, Clone, Copy)]
@@ -99,6 +100,8 @@ pub struct CollectorService {
     shutdown: watch::Receiver<bool>,
     limits: Limits,
     streams: Arc<Semaphore>,
+    /// The budget of [`QUEUED_EVENTS`].
+    queued_events: Arc<Semaphore>,
     metrics: Metrics,
 }
 
@@ -117,6 +120,7 @@ impl CollectorService {
             limits,
             metrics,
             streams: Arc::new(Semaphore::new(limits.max_streams)),
+            queued_events: Arc::new(Semaphore::new(QUEUED_EVENTS)),
         }
     }
 }
@@ -219,68 +223,164 @@ impl CollectorService {
         inbound: &mut Streaming<SidecarMessage>,
         tx: &Outbound,
     ) -> Result<(), IngestError> {
+        // Batches of this stream queued for commit, oldest first: the next
+        // batch is read and validated while earlier ones commit, and acks
+        // still go out in order, each after its own commit.
+        let mut pipeline: VecDeque<InFlight> = VecDeque::new();
+        let mut in_flight_events = 0usize;
         loop {
-            let batch = match self.next(inbound).await? {
-                Next::Message(kind) => match *kind {
-                    sidecar_message::Kind::Batch(batch) => batch,
+            let room = pipeline.len() < PIPELINE_BATCHES && in_flight_events < PIPELINE_EVENTS;
+            let step = tokio::select! {
+                biased;
+                committed = oldest(&mut pipeline), if !pipeline.is_empty() => Step::Committed(committed),
+                next = self.next(inbound), if room => Step::Received(next?),
+            };
+            match step {
+                Step::Committed(committed) => {
+                    let Some(done) = pipeline.pop_front() else {
+                        continue;
+                    };
+                    in_flight_events -= done.events;
+                    if !self.acknowledge(hello, done, committed?, tx).await? {
+                        return Ok(());
+                    }
+                }
+                Step::Received(Next::Message(kind)) => match *kind {
+                    sidecar_message::Kind::Batch(batch) => {
+                        let in_flight = self.submit(hello, batch).await?;
+                        in_flight_events += in_flight.events;
+                        pipeline.push_back(in_flight);
+                    }
                     sidecar_message::Kind::Hello(_) => return Err(IngestError::SecondHello),
                 },
-                Next::End => return Ok(()),
-                Next::Broken(status) => {
+                Step::Received(Next::End) => {
+                    // Every batch received is acknowledged before the stream closes.
+                    while let Some(mut done) = pipeline.pop_front() {
+                        let committed = (&mut done.commit).await?;
+                        if !self.acknowledge(hello, done, committed, tx).await? {
+                            return Ok(());
+                        }
+                    }
+                    return Ok(());
+                }
+                Step::Received(Next::Broken(status)) => {
+                    // The batches already queued still commit; nobody is left to ack.
                     tracing::debug!(node = %hello.node_id, "stream broken: {status}");
                     let _ = tx.send(Err(status)).await;
                     return Ok(());
                 }
-            };
-            if batch.events.len() > self.limits.max_batch_events {
-                return Err(IngestError::BatchTooLarge {
-                    events: batch.events.len(),
-                    max: self.limits.max_batch_events,
-                });
-            }
-            let through = batch.events.iter().map(|e| e.sequence).max().unwrap_or(0);
-            self.metrics
-                .events_received
-                .inc_by(batch.events.len() as u64);
-            let (events, rejected) = validate_events(batch.events, &self.metrics);
-            let valid = events.len() as u64;
-            if let Some(first) = rejected.first() {
-                tracing::warn!(
-                    node = %hello.node_id,
-                    vm = %hello.vm_instance,
-                    "refused {} events of a batch, e.g. sequence {}: {}",
-                    rejected.len(),
-                    first.sequence,
-                    first.message
-                );
-            }
-            let committed = self
-                .writer
-                .commit(Batch {
-                    sidecar: Arc::clone(hello),
-                    events,
-                    rejected: rejected.len() as u64,
-                    dropped_total: batch.dropped_total,
-                    received_ns: crate::time::now_unix_nanos(),
-                })
-                .await?;
-            self.count_stored(hello, valid, &committed.new_events);
-            self.notify.alerts.misrouted(hello, &committed.new_events);
-            if let Some(alertmanager) = &self.notify.alertmanager {
-                alertmanager.observe(hello, &committed.new_events, &self.notify.directory);
-            }
-            let ack = CollectorMessage {
-                kind: Some(collector_message::Kind::Ack(Ack {
-                    through_sequence: through,
-                    rejected,
-                })),
-            };
-            // A sidecar that stops reading acks must not hold up shutdown.
-            tokio::select! {
-                sent = tx.send(Ok(ack)) => if sent.is_err() { return Ok(()) },
-                _ = self.shutdown.wait_for(|stop| *stop) => return Err(IngestError::ShuttingDown),
             }
         }
+    }
+
+    /// Validates a batch and queues it for commit with its share of the budget.
+    async fn submit(&self, hello: &Arc<Hello>, batch: EventBatch) -> Result<InFlight, IngestError> {
+        if batch.events.len() > self.limits.max_batch_events {
+            return Err(IngestError::BatchTooLarge {
+                events: batch.events.len(),
+                max: self.limits.max_batch_events,
+            });
+        }
+        let through = batch.events.iter().map(|e| e.sequence).max().unwrap_or(0);
+        let events = batch.events.len();
+        self.metrics.events_received.inc_by(events as u64);
+        let (valid, rejected) = validate_events(batch.events, &self.metrics);
+        if let Some(first) = rejected.first() {
+            tracing::warn!(
+                node = %hello.node_id,
+                vm = %hello.vm_instance,
+                "refused {} events of a batch, e.g. sequence {}: {}",
+                rejected.len(),
+                first.sequence,
+                first.message
+            );
+        }
+        let valid_count = valid.len() as u64;
+        // Waits while QUEUED_EVENTS decoded events of all streams wait for
+        // the store; the store gives the permits back after the commit.
+        let wanted = u32::try_from(events.clamp(1, QUEUED_EVENTS)).unwrap_or(u32::MAX);
+        let mut shutdown = self.shutdown.clone();
+        let budget = tokio::select! {
+            permit = Arc::clone(&self.queued_events).acquire_many_owned(wanted) => permit.ok(),
+            _ = shutdown.wait_for(|stop| *stop) => return Err(IngestError::ShuttingDown),
+        };
+        let commit = self
+            .writer
+            .submit(Batch {
+                sidecar: Arc::clone(hello),
+                events: valid,
+                rejected: rejected.len() as u64,
+                dropped_total: batch.dropped_total,
+                received_ns: crate::time::now_unix_nanos(),
+                budget,
+            })
+            .await?;
+        Ok(InFlight {
+            commit,
+            through,
+            rejected,
+            valid: valid_count,
+            events,
+        })
+    }
+
+    /// Tells everyone about a committed batch and acks it; false when the
+    /// sidecar no longer reads acks.
+    async fn acknowledge(
+        &mut self,
+        hello: &Hello,
+        done: InFlight,
+        committed: Committed,
+        tx: &Outbound,
+    ) -> Result<bool, IngestError> {
+        self.count_stored(hello, done.valid, &committed.new_events);
+        self.notify.alerts.misrouted(hello, &committed.new_events);
+        if let Some(alertmanager) = &self.notify.alertmanager {
+            alertmanager.observe(hello, &committed.new_events, &self.notify.directory);
+        }
+        let ack = CollectorMessage {
+            kind: Some(collector_message::Kind::Ack(Ack {
+                through_sequence: done.through,
+                rejected: done.rejected,
+            })),
+        };
+        // A sidecar that stops reading acks must not hold up shutdown.
+        tokio::select! {
+            sent = tx.send(Ok(ack)) => Ok(sent.is_ok()),
+            _ = self.shutdown.wait_for(|stop| *stop) => Err(IngestError::ShuttingDown),
+        }
+    }
+}
+
+/// Decoded events queued for the store, over all streams (about 1 KiB each
+/// in memory): beyond this, a stream waits with its decoded batch before
+/// queueing it (and reads no further).
+pub const QUEUED_EVENTS: usize = 131_072;
+/// Most batches of one stream queued for commit at once.
+const PIPELINE_BATCHES: usize = 8;
+/// Most events of one stream queued for commit at once (bounds memory per
+/// stream; one batch of any allowed size is always accepted).
+const PIPELINE_EVENTS: usize = 8_192;
+
+/// A batch of a stream between submit and ack.
+struct InFlight {
+    commit: PendingCommit,
+    through: u64,
+    rejected: Vec<Rejection>,
+    valid: u64,
+    events: usize,
+}
+
+enum Step {
+    Committed(Result<Committed, StoreError>),
+    Received(Next),
+}
+
+/// The oldest batch's commit (the pipeline is not empty when polled).
+async fn oldest(pipeline: &mut VecDeque<InFlight>) -> Result<Committed, StoreError> {
+    match pipeline.front_mut() {
+        Some(in_flight) => (&mut in_flight.commit).await,
+        None => std::future::pending().await,
     }
 }
 

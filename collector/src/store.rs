@@ -183,6 +183,9 @@ pub struct Batch {
     pub rejected: u64,
     pub dropped_total: u64,
     pub received_ns: u64,
+    /// Ingest's share of its memory budget for queued events, given back
+    /// as soon as the batch is committed (see `ingest::QUEUED_EVENTS`).
+    pub budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What a commit did: the events seen for the first time (resends are left
@@ -231,6 +234,29 @@ impl Default for WriterConfig {
         Self {
             overloaded_after: Duration::from_millis(250),
         }
+    }
+}
+
+/// A batch queued for commit; resolves once it is durable.
+#[derive(Debug)]
+pub struct PendingCommit {
+    done: oneshot::Receiver<Result<Committed, String>>,
+}
+
+impl std::future::Future for PendingCommit {
+    type Output = Result<Committed, StoreError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.done)
+            .poll(cx)
+            .map(|reply| match reply {
+                Ok(Ok(committed)) => Ok(committed),
+                Ok(Err(message)) => Err(StoreError::Commit(message)),
+                Err(_) => Err(StoreError::WriterGone),
+            })
     }
 }
 
@@ -291,13 +317,23 @@ impl Writer {
 
     /// Commits the batch; returns after it is durable.
     pub async fn commit(&self, batch: Batch) -> Result<Committed, StoreError> {
-        let queued = Instant::now();
-        self.ask(|reply| Request::Commit {
+        self.submit(batch).await?.await
+    }
+
+    /// Queues the batch for commit and returns at once with the commit to
+    /// await: a stream can decode its next batch while this one commits.
+    pub async fn submit(&self, batch: Batch) -> Result<PendingCommit, StoreError> {
+        let (reply, done) = oneshot::channel();
+        let request = Request::Commit {
             batch,
-            queued,
+            queued: Instant::now(),
             reply,
-        })
-        .await
+        };
+        self.tx
+            .send(request)
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        Ok(PendingCommit { done })
     }
 
     /// Records that the sidecar was connected at `at_ns` (directory, last seen).
