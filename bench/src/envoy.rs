@@ -156,12 +156,7 @@ impl Envoy {
 
     /// `VmRSS` from `/proc/PID/status`, in KiB.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .context("no VmRSS in /proc/PID/status")
+        crate::proc_stat::status_kib(self.pid(), "VmRSS")
     }
 
     /// Envoy's log so far, for error messages.

@@ -1,4 +1,7 @@
-//! `dialguard-bench`: the filter cost benchmark, `cargo xtask bench filter`.
+//! `dialguard-bench`: the filter cost benchmark, `cargo xtask bench filter`,
+//! and the collector scale benchmark, `cargo xtask bench collector`
+//! ([`collector`], with its load generator [`load`] and simulated sidecars
+//! [`workload`]; method and figures in `docs/benchmarks.md`, "Collector").
 //!
 //! Where it sits: beside the end-to-end harness (`dialguard-tests`, whose
 //! pods, client, collector wrapper and `dist/` locator it reuses), it runs
@@ -32,12 +35,15 @@
 //! The method and the figures measured are in `docs/benchmarks.md`.
 
 pub mod callgrind;
+pub mod collector;
 pub mod envoy;
+pub mod load;
 pub mod proc_stat;
 pub mod run;
 pub mod sink;
 pub mod topology;
 pub mod traffic;
+pub mod workload;
 
 pub use run::{Options, Parts, Results, run};
 pub use topology::Variant;

@@ -61,6 +61,18 @@ fn parse_cpu_time(stat: &str) -> Option<Duration> {
     Some(Duration::from_millis((utime + stime) * 1000 / USER_HZ))
 }
 
+/// A memory figure in KiB from `/proc/PID/status`, by its name: `VmRSS`
+/// (resident now), `VmHWM` (the peak resident size so far).
+pub fn status_kib(pid: u32, name: &str) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no {name} in {path}"))
+}
+
 /// The calling thread's id, from the `/proc/thread-self` link (`PID/task/TID`).
 pub fn current_thread_id() -> Option<u32> {
     let link = std::fs::read_link("/proc/thread-self").ok()?;
@@ -89,6 +101,9 @@ mod tests {
         }
         assert!(x > 0);
         assert!(super::process_cpu(std::process::id()).is_ok());
+        let rss = super::status_kib(std::process::id(), "VmRSS");
+        assert!(rss.is_ok_and(|kib| kib > 0));
+        assert!(super::status_kib(std::process::id(), "NoSuchField").is_err());
         let tid = super::current_thread_id();
         assert!(tid.is_some_and(|tid| super::thread_cpu(tid).is_ok()));
     }

@@ -9,6 +9,8 @@
 //! - `test`: `dist`, then every test of the workspace, end-to-end ones included.
 //! - `bench filter`: `dist`, `dist/empty_filter.wasm`, then the filter cost
 //!   benchmark under callgrind (`dialguard-bench-filter`; docs/benchmarks.md).
+//! - `bench collector`: `dist`, then the collector scale benchmark over
+//!   loopback (`dialguard-bench-collector`; docs/benchmarks.md).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,9 +41,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark: `bench filter [--quick] [--connections N]`.
+    /// Run a benchmark: `bench filter [--quick] [--connections N]` or
+    /// `bench collector [--quick]`.
     Bench {
-        /// Which benchmark (`filter`).
+        /// Which benchmark (`filter` or `collector`).
         what: String,
         /// Arguments for the benchmark binary (see `--help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -79,7 +82,8 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench { what, args } => match what.as_str() {
             "filter" => bench_filter(&root, &args),
-            other => bail!("unknown benchmark `{other}` (there is: filter)"),
+            "collector" => bench_collector(&root, &args),
+            other => bail!("unknown benchmark `{other}` (there are: filter, collector)"),
         },
     }
 }
@@ -293,6 +297,24 @@ fn bench_filter(root: &Path, args: &[String]) -> anyhow::Result<()> {
             "dialguard-bench",
             "--bin",
             "dialguard-bench-filter",
+            "--",
+        ])
+        .args(args)
+        .env("DIALGUARD_DIST", root.join("dist")))
+}
+
+/// `bench collector`: dist/ (the collector binary), then the benchmark.
+fn bench_collector(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    dist(root)?;
+    run(cargo(root)
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "dialguard-bench",
+            "--bin",
+            "dialguard-bench-collector",
             "--",
         ])
         .args(args)

@@ -1,0 +1,98 @@
+//! `dialguard-bench-collector`: the collector scale benchmark's command line;
+//! `cargo xtask bench collector [--quick]` builds `dist/` and runs it. See
+//! `dialguard_bench::collector` for the method.
+
+use std::time::Duration;
+
+use clap::Parser;
+use dialguard_bench::collector::{self, IngestCase, Options, Parts};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dialguard-bench-collector",
+    about = "Collector scale over loopback: ingest rate and CPU per event (1, 100, 2,000 streams), memory with idle streams, report time over large databases"
+)]
+struct Cli {
+    /// A short run: two streams, a few thousand events, 20 idle streams, a 10,000-event database.
+    #[arg(long)]
+    quick: bool,
+    /// Ingest cases instead of the default, each STREAMSxEVENTS_PER_STREAM[xBATCH], e.g. `100x20000,2000x500x20`.
+    #[arg(long, value_delimiter = ',')]
+    ingest: Vec<String>,
+    /// Most unacknowledged events per stream (the filter's maxBufferedEvents).
+    #[arg(long)]
+    max_in_flight: Option<u64>,
+    /// Idle stream counts to measure memory at, e.g. `2000,10000` (0 skips).
+    #[arg(long, value_delimiter = ',')]
+    idle: Vec<usize>,
+    /// Stored event counts to time the report at, e.g. `1000000,10000000` (0 skips).
+    #[arg(long, value_delimiter = ',')]
+    report_events: Vec<u64>,
+    /// Report runs per size (the median is printed).
+    #[arg(long)]
+    report_runs: Option<usize>,
+    /// Bound on each ingest case, in seconds.
+    #[arg(long)]
+    timeout_secs: Option<u64>,
+    /// Keep the databases in this directory.
+    #[arg(long)]
+    keep: Option<std::path::PathBuf>,
+}
+
+fn parse_case(text: &str) -> anyhow::Result<IngestCase> {
+    let numbers = text
+        .split('x')
+        .map(|n| n.trim().replace('_', "").parse::<u64>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| anyhow::anyhow!("--ingest {text}: {err}"))?;
+    match numbers[..] {
+        [streams, events] => Ok(IngestCase {
+            streams: streams as usize,
+            events_per_stream: events,
+            batch_events: collector::FILTER_BATCH_EVENTS,
+        }),
+        [streams, events, batch] if batch > 0 => Ok(IngestCase {
+            streams: streams as usize,
+            events_per_stream: events,
+            batch_events: batch,
+        }),
+        _ => anyhow::bail!("--ingest {text}: expected STREAMSxEVENTS_PER_STREAM[xBATCH]"),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut options = if cli.quick {
+        Options::quick()
+    } else {
+        Options::full()
+    };
+    if !cli.ingest.is_empty() {
+        options.ingest = cli
+            .ingest
+            .iter()
+            .filter(|c| c.as_str() != "0")
+            .map(|c| parse_case(c))
+            .collect::<anyhow::Result<_>>()?;
+    }
+    if let Some(n) = cli.max_in_flight {
+        options.max_in_flight = n;
+    }
+    if !cli.idle.is_empty() {
+        options.idle = cli.idle.into_iter().filter(|&n| n > 0).collect();
+    }
+    if !cli.report_events.is_empty() {
+        options.report_sizes = cli.report_events.into_iter().filter(|&n| n > 0).collect();
+        options.report_sizes.sort_unstable();
+    }
+    if let Some(n) = cli.report_runs {
+        options.report_runs = n.max(1);
+    }
+    if let Some(secs) = cli.timeout_secs {
+        options.timeout = Duration::from_secs(secs);
+    }
+    options.keep = cli.keep;
+    let results = collector::run(&Parts::from_dist()?, &options)?;
+    print!("{}", results.render());
+    Ok(())
+}
