@@ -357,10 +357,10 @@ impl CollectorService {
 /// queueing it (and reads no further).
 pub const QUEUED_EVENTS: usize = 131_072;
 /// Most batches of one stream queued for commit at once.
-const PIPELINE_BATCHES: usize = 8;
+const PIPELINE_BATCHES: usize = 32;
 /// Most events of one stream queued for commit at once (bounds memory per
 /// stream; one batch of any allowed size is always accepted).
-const PIPELINE_EVENTS: usize = 8_192;
+const PIPELINE_EVENTS: usize = 16_384;
 
 /// A batch of a stream between submit and ack.
 struct InFlight {

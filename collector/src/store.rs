@@ -274,6 +274,10 @@ impl std::fmt::Debug for Request {
 
 /// Most batches committed in one transaction.
 const GROUP_COMMIT_MAX: usize = 256;
+/// Events after which a group is committed without waiting for more: acks
+/// then flow while later batches are stored, so a sidecar with a full
+/// window of unacknowledged events keeps sending.
+const GROUP_COMMIT_EVENTS: usize = 4_096;
 /// Distinct aggregation keys summed in memory before they are written out:
 /// bounds memory whatever the spread of the input.
 const MAX_AGGREGATE_KEYS: usize = 16_384;
@@ -352,22 +356,57 @@ impl Writer {
 }
 
 /// Raw-row sampling: one row in `keep_every` is stored while the writer is
-/// behind; doubles while batches wait too long, halves once they no longer do.
-/// A single stall (a checkpoint, a reader's lock) is not overload: only
-/// `OVERLOADED_GROUPS` slow commit groups in a row are.
+/// behind, which is either of:
+/// - batches wait too long: `OVERLOADED_GROUPS` slow commit groups in a
+///   row (a single stall, a checkpoint or a reader's lock, is not overload);
+/// - the writer is saturated: busy committing for `SATURATED` of a
+///   `SATURATION_WINDOW` (one fast sidecar, or a few, whose pipelined
+///   batches never let it rest, keep waits short while raw rows still
+///   arrive faster than they can be stored).
+///
+/// Doubles while behind; halves once a window shows it is not and batches
+/// wait little.
 #[derive(Debug)]
 struct Sampler {
     keep_every: u64,
     overloaded_after: Duration,
     slow_groups: u32,
+    window_started: Instant,
+    window_busy: Duration,
 }
 
 /// Consecutive commit groups whose batches waited too long before sampling starts.
 const OVERLOADED_GROUPS: u32 = 3;
+/// The window over which the writer's busy share is judged.
+const SATURATION_WINDOW: Duration = Duration::from_secs(1);
+/// The busy share at which the writer counts as saturated.
+const SATURATED: f64 = 0.8;
 
 impl Sampler {
+    fn new(overloaded_after: Duration) -> Self {
+        Self {
+            keep_every: 1,
+            overloaded_after,
+            slow_groups: 0,
+            window_started: Instant::now(),
+            window_busy: Duration::ZERO,
+        }
+    }
+
+    /// Time spent committing, for the busy share.
+    fn record_busy(&mut self, busy: Duration) {
+        self.window_busy += busy;
+    }
+
     fn adjust(&mut self, longest_wait: Duration) {
         let before = self.keep_every;
+        let elapsed = self.window_started.elapsed();
+        let saturated = (elapsed >= SATURATION_WINDOW).then(|| {
+            let share = self.window_busy.as_secs_f64() / elapsed.as_secs_f64();
+            self.window_started = Instant::now();
+            self.window_busy = Duration::ZERO;
+            share >= SATURATED
+        });
         if longest_wait > self.overloaded_after {
             self.slow_groups += 1;
             if self.slow_groups >= OVERLOADED_GROUPS {
@@ -375,8 +414,12 @@ impl Sampler {
             }
         } else {
             self.slow_groups = 0;
-            if longest_wait < self.overloaded_after / 4 {
-                self.keep_every = (self.keep_every / 2).max(1);
+            match saturated {
+                Some(true) => self.keep_every = (self.keep_every * 2).min(MAX_KEEP_EVERY),
+                Some(false) if longest_wait < self.overloaded_after / 4 => {
+                    self.keep_every = (self.keep_every / 2).max(1);
+                }
+                _ => {}
             }
         }
         if before != self.keep_every {
@@ -415,11 +458,7 @@ impl WriterThread {
         Self {
             conn,
             metrics,
-            sampler: Sampler {
-                keep_every: 1,
-                overloaded_after: config.overloaded_after,
-                slow_groups: 0,
-            },
+            sampler: Sampler::new(config.overloaded_after),
             expiring: None,
         }
     }
@@ -441,13 +480,17 @@ impl WriterThread {
                 },
             };
             let mut next = Some(first);
+            let mut group_events = 0;
             while let Some(request) = next.take() {
                 match request {
                     Request::Commit {
                         batch,
                         queued,
                         reply,
-                    } => commits.push((batch, queued, reply)),
+                    } => {
+                        group_events += batch.events.len();
+                        commits.push((batch, queued, reply));
+                    }
                     Request::Seen { sidecar, at_ns } => {
                         if let Err(err) = record_seen(&mut self.conn, &sidecar, at_ns) {
                             tracing::error!("directory update failed: {err}");
@@ -455,7 +498,7 @@ impl WriterThread {
                     }
                     Request::Expire { cutoff_ns, reply } => self.start_expiry(cutoff_ns, reply),
                 }
-                if commits.len() < GROUP_COMMIT_MAX {
+                if commits.len() < GROUP_COMMIT_MAX && group_events < GROUP_COMMIT_EVENTS {
                     next = rx.try_recv().ok();
                 }
             }
@@ -477,7 +520,9 @@ impl WriterThread {
         self.sampler.adjust(longest_wait);
         let started = Instant::now();
         let result = commit_group(&mut self.conn, &self.sampler, commits.iter().map(|c| &c.0));
-        self.metrics.observe_commit(started.elapsed());
+        let busy = started.elapsed();
+        self.sampler.record_busy(busy);
+        self.metrics.observe_commit(busy);
         match result {
             Ok(outcome) => {
                 self.metrics.events_sampled_out.inc_by(outcome.sampled_out);
@@ -908,4 +953,79 @@ pub fn directory(conn: &Connection) -> Result<HashMap<IpAddr, DirectoryEntry>, S
         }
     }
     Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sampler whose current window began `ago` and was busy for `busy`.
+    fn after_window(sampler: &mut Sampler, ago: Duration, busy: Duration) {
+        sampler.window_started = Instant::now() - ago;
+        sampler.window_busy = Duration::ZERO;
+        sampler.record_busy(busy);
+    }
+
+    #[test]
+    fn a_saturated_writer_samples_though_batches_wait_little() {
+        let short_wait = Duration::from_millis(5);
+        let mut sampler = Sampler::new(Duration::from_millis(250));
+        // Mid-window nothing changes, however busy.
+        after_window(
+            &mut sampler,
+            Duration::from_millis(100),
+            Duration::from_millis(100),
+        );
+        sampler.adjust(short_wait);
+        assert_eq!(sampler.keep_every, 1);
+        // A window busy 95% of the time: saturated, rows are sampled.
+        after_window(
+            &mut sampler,
+            Duration::from_secs(1),
+            Duration::from_millis(950),
+        );
+        sampler.adjust(short_wait);
+        assert_eq!(sampler.keep_every, 2);
+        after_window(
+            &mut sampler,
+            Duration::from_secs(1),
+            Duration::from_millis(900),
+        );
+        sampler.adjust(short_wait);
+        assert_eq!(sampler.keep_every, 4);
+        // Busy half the time with short waits: it catches up.
+        after_window(
+            &mut sampler,
+            Duration::from_secs(1),
+            Duration::from_millis(500),
+        );
+        sampler.adjust(short_wait);
+        assert_eq!(sampler.keep_every, 2);
+        // Not saturated, but batches wait longer than a quarter of the limit: hold.
+        after_window(
+            &mut sampler,
+            Duration::from_secs(1),
+            Duration::from_millis(500),
+        );
+        sampler.adjust(Duration::from_millis(100));
+        assert_eq!(sampler.keep_every, 2);
+    }
+
+    #[test]
+    fn slow_groups_in_a_row_sample_and_a_single_stall_does_not() {
+        let mut sampler = Sampler::new(Duration::from_millis(250));
+        let slow = Duration::from_millis(400);
+        sampler.adjust(slow);
+        sampler.adjust(Duration::from_millis(5));
+        sampler.adjust(slow);
+        assert_eq!(sampler.keep_every, 1, "one stall at a time is not overload");
+        sampler.adjust(slow);
+        sampler.adjust(slow);
+        assert_eq!(sampler.keep_every, 2);
+        for _ in 0..20 {
+            sampler.adjust(slow);
+        }
+        assert_eq!(sampler.keep_every, MAX_KEEP_EVERY);
+        assert!(sampler.keeps(MAX_KEEP_EVERY * 3) && !sampler.keeps(MAX_KEEP_EVERY * 3 + 1));
+    }
 }
