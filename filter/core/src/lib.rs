@@ -13,6 +13,7 @@
 mod addr;
 mod config;
 mod identity;
+mod metadata;
 mod outbox;
 mod upstreams;
 mod verdict;
@@ -20,6 +21,7 @@ mod verdict;
 pub use addr::{AddrParseError, OrigDst, UpstreamHost, parse_envoy_address};
 pub use config::{AllowRule, Cidr, CollectorConfig, ConfigError, FilterConfig, Mode};
 pub use identity::{NodeFacts, hello};
+pub use metadata::MetadataCache;
 pub use outbox::{Outbox, OutboxLimits};
 pub use upstreams::UpstreamMemory;
 pub use verdict::{ConnectionFacts, Judgement, judge};

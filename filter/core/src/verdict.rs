@@ -3,7 +3,7 @@
 
 use dialguard_proto::v1::{ConnectionEvent, SocketAddress, Verdict};
 
-use crate::{FilterConfig, OrigDst, UpstreamHost, UpstreamMemory};
+use crate::{FilterConfig, MetadataCache, OrigDst, UpstreamHost, UpstreamMemory};
 
 /// What the filter can learn about a finished connection. Implemented with
 /// Envoy property reads in the wasm crate and with plain values in tests;
@@ -47,16 +47,37 @@ impl Judgement {
         )
     }
 
-    /// Builds the event for a reported connection, reading the remaining facts.
+    /// Builds the event for a reported connection, reading the remaining
+    /// facts; cluster and host metadata come from `metadata` while recent,
+    /// and the failure reason is read only when a response flag says the
+    /// upstream failed.
     pub fn to_event(
         &self,
         facts: &mut impl ConnectionFacts,
+        metadata: &mut MetadataCache,
         sequence: u64,
         timestamp_unix_nanos: u64,
     ) -> ConnectionEvent {
         let cluster_name = match &self.cluster_name {
             Some(name) => name.clone(),
             None => facts.cluster_name().unwrap_or_default(),
+        };
+        let response_flags = facts.response_flags().unwrap_or_default();
+        let upstream_transport_failure_reason = if response_flags == 0 {
+            String::new()
+        } else {
+            facts
+                .upstream_transport_failure_reason()
+                .unwrap_or_default()
+        };
+        let now = timestamp_unix_nanos;
+        let intended_service =
+            metadata.intended_service(&cluster_name, now, || facts.intended_service());
+        let upstream_workload = match self.upstream_host {
+            Some(host) => {
+                metadata.upstream_workload(&cluster_name, host.0, now, || facts.upstream_workload())
+            }
+            None => String::new(),
         };
         ConnectionEvent {
             sequence,
@@ -72,16 +93,11 @@ impl Judgement {
             cluster_name,
             filter_chain_name: facts.filter_chain_name().unwrap_or_default(),
             verdict: self.verdict.into(),
-            response_flags: facts.response_flags().unwrap_or_default(),
-            upstream_transport_failure_reason: facts
-                .upstream_transport_failure_reason()
-                .unwrap_or_default(),
-            intended_service: facts.intended_service().unwrap_or_default(),
+            response_flags,
+            upstream_transport_failure_reason,
+            intended_service,
             enforced: false,
-            upstream_workload: match self.upstream_host {
-                Some(_) => facts.upstream_workload().unwrap_or_default(),
-                None => String::new(),
-            },
+            upstream_workload,
         }
     }
 }

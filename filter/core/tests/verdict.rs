@@ -3,7 +3,8 @@
 use std::net::SocketAddr;
 
 use dialguard_filter_core::{
-    ConnectionFacts, FilterConfig, OrigDst, UpstreamHost, UpstreamMemory, Verdict, judge,
+    ConnectionFacts, FilterConfig, MetadataCache, OrigDst, UpstreamHost, UpstreamMemory, Verdict,
+    judge,
 };
 
 /// Plain values, with a log of which facts were read (each read is a hostcall in Envoy).
@@ -12,6 +13,7 @@ struct Facts {
     dst: Option<&'static str>,
     upstream: Option<&'static str>,
     cluster: Option<&'static str>,
+    response_flags: u64,
     reads: Vec<&'static str>,
 }
 
@@ -46,7 +48,7 @@ impl ConnectionFacts for Facts {
     }
     fn response_flags(&mut self) -> Option<u64> {
         self.reads.push("response_flags");
-        Some(0x8020)
+        Some(self.response_flags)
     }
     fn upstream_transport_failure_reason(&mut self) -> Option<String> {
         self.reads.push("failure_reason");
@@ -287,7 +289,7 @@ fn reads_only_what_the_decision_needs() {
     };
     let judgement = judge(&config(""), &mut memory(), &mut differs).expect("judged");
     assert_eq!(differs.reads, ["destination", "upstream", "cluster"]);
-    judgement.to_event(&mut differs, 1, 0);
+    judgement.to_event(&mut differs, &mut MetadataCache::new(8), 1, 0);
     assert_eq!(differs.reads.iter().filter(|r| **r == "cluster").count(), 1);
     // No upstream and no cluster rule: the cluster is left for the report.
     let mut blackholed = Facts {
@@ -419,11 +421,17 @@ fn reported_event_carries_both_sides_and_the_details() {
         dst: Some("10.0.1.7:5701"),
         upstream: Some("10.0.3.9:5701"),
         cluster: Some("outbound|5701||app-ext.app.svc.cluster.local"),
+        response_flags: 0x8020,
         ..Facts::default()
     };
     let judgement = judge(&config(""), &mut memory(), &mut facts).expect("judged");
     assert!(judgement.is_reported());
-    let event = judgement.to_event(&mut facts, 7, 1_700_000_000_000_000_000);
+    let event = judgement.to_event(
+        &mut facts,
+        &mut MetadataCache::new(8),
+        7,
+        1_700_000_000_000_000_000,
+    );
     assert_eq!(event.sequence, 7);
     let dst = event
         .original_destination
@@ -476,4 +484,92 @@ fn only_misrouted_and_blackholed_are_reported() {
             .expect("judged")
             .is_reported()
     );
+}
+
+/// Reads of one reported connection's event, after `judge`.
+fn event_reads(
+    upstream: &'static str,
+    cluster: &'static str,
+    response_flags: u64,
+    metadata: &mut MetadataCache,
+    at_ns: u64,
+) -> Vec<&'static str> {
+    let mut facts = Facts {
+        dst: Some("10.0.1.7:5701"),
+        upstream: Some(upstream),
+        cluster: Some(cluster),
+        response_flags,
+        ..Facts::default()
+    };
+    let judgement = judge(&config(""), &mut memory(), &mut facts).expect("judged");
+    facts.reads.clear();
+    judgement.to_event(&mut facts, metadata, 1, at_ns);
+    facts.reads
+}
+
+#[test]
+fn metadata_is_read_once_a_minute_per_cluster_and_host() {
+    const CATCH_ALL: &str = "outbound|5701||app-ext.app.svc.cluster.local";
+    const MINUTE: u64 = 60_000_000_000;
+    let t0 = 1_700_000_000_000_000_000;
+    let mut metadata = MetadataCache::new(64);
+    let all = [
+        "response_flags",
+        "intended_service",
+        "upstream_workload",
+        "source",
+        "connection_id",
+        "filter_chain",
+    ];
+    assert_eq!(
+        event_reads("10.0.3.9:5701", CATCH_ALL, 0, &mut metadata, t0),
+        all
+    );
+    // The same catch-all and host again: no metadata reads.
+    let again = event_reads("10.0.3.9:5701", CATCH_ALL, 0, &mut metadata, t0 + 1);
+    assert_eq!(
+        again,
+        ["response_flags", "source", "connection_id", "filter_chain"]
+    );
+    // Another host behind the same cluster: only its workload.
+    let other_host = event_reads("10.0.3.10:5701", CATCH_ALL, 0, &mut metadata, t0 + 2);
+    assert_eq!(
+        other_host,
+        [
+            "response_flags",
+            "upstream_workload",
+            "source",
+            "connection_id",
+            "filter_chain"
+        ]
+    );
+    // A minute later (an xDS update may have changed it), or a clock that
+    // went backwards: read again.
+    let later = event_reads("10.0.3.9:5701", CATCH_ALL, 0, &mut metadata, t0 + MINUTE);
+    assert_eq!(later, all);
+    let backwards = event_reads("10.0.3.9:5701", CATCH_ALL, 0, &mut metadata, t0);
+    assert_eq!(backwards, all);
+}
+
+#[test]
+fn failure_reason_is_read_only_when_a_flag_says_the_upstream_failed() {
+    let cluster = "outbound|5701||app-ext.app.svc.cluster.local";
+    let mut metadata = MetadataCache::new(64);
+    let quiet = event_reads("10.0.3.9:5701", cluster, 0, &mut metadata, 1);
+    assert!(!quiet.contains(&"failure_reason"), "{quiet:?}");
+    // UF: upstream connection failure.
+    let failed = event_reads("10.0.3.9:5701", cluster, 0x20, &mut metadata, 2);
+    assert!(failed.contains(&"failure_reason"), "{failed:?}");
+}
+
+#[test]
+fn metadata_cache_is_bounded() {
+    let mut metadata = MetadataCache::new(4);
+    for i in 0..100u16 {
+        let cluster = format!("outbound|{i}||svc-{i}.ns.svc.cluster.local");
+        let host = SocketAddr::from(([10, 0, 3, 9], i));
+        metadata.intended_service(&cluster, 1, || Some("svc".into()));
+        metadata.upstream_workload(&cluster, host, 1, || Some("w".into()));
+        assert!(metadata.len() <= 8, "{} entries", metadata.len());
+    }
 }

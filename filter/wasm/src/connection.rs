@@ -23,8 +23,9 @@ pub fn judge_and_record(root: &mut Root, enforce_now: bool) -> bool {
     if judgement.is_reported() {
         let dropped_before = root.outbox.dropped_total();
         let now = now_unix_nanos();
+        let metadata = &mut root.metadata;
         root.outbox.push_with(|seq| {
-            let mut event = judgement.to_event(&mut facts, seq, now);
+            let mut event = judgement.to_event(&mut facts, metadata, seq, now);
             event.enforced = enforced;
             event
         });

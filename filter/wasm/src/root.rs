@@ -2,7 +2,9 @@
 //! memory, counters and collector stream. Connections are judged against
 //! the root they were created under.
 
-use dialguard_filter_core::{FilterConfig, Mode, Outbox, OutboxLimits, UpstreamMemory, hello};
+use dialguard_filter_core::{
+    FilterConfig, MetadataCache, Mode, Outbox, OutboxLimits, UpstreamMemory, hello,
+};
 
 use crate::abi::{self, Buffer, LogLevel};
 use crate::delivery::Delivery;
@@ -11,6 +13,8 @@ use crate::metrics::Metrics;
 
 /// (cluster, upstream host) pairs each root remembers: about 40 bytes each.
 const UPSTREAM_MEMORY_ENTRIES: usize = 4096;
+/// Clusters and (cluster, host) pairs whose metadata each root reuses.
+const METADATA_ENTRIES: usize = 1024;
 
 /// A configured root. A root whose configuration was refused never becomes one.
 #[derive(Debug)]
@@ -18,6 +22,7 @@ pub struct Root {
     pub config: FilterConfig,
     pub outbox: Outbox,
     pub upstreams: UpstreamMemory,
+    pub metadata: MetadataCache,
     pub metrics: Metrics,
     pub delivery: Delivery,
 }
@@ -48,6 +53,7 @@ impl Root {
         Some(Self {
             outbox: Outbox::new(OutboxLimits::from(&config.collector)),
             upstreams: UpstreamMemory::new(UPSTREAM_MEMORY_ENTRIES),
+            metadata: MetadataCache::new(METADATA_ENTRIES),
             metrics: Metrics::define(),
             delivery: Delivery::new(&config.collector, hello),
             config,
