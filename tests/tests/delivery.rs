@@ -1,6 +1,6 @@
 //! Delivery faults through real Envoy and the real collector: the collector
 //! absent when the sidecar starts reporting, killed mid-stream and restarted,
-//! unresponsive; a buffer too small for what piles up meanwhile. Events
+//! unresponsive, slow; a buffer too small for what piles up meanwhile. Events
 //! arrive once each, drops are counted exactly, and no connection waits.
 
 use std::time::{Duration, Instant};
@@ -104,6 +104,70 @@ fn unresponsive_collector_delays_no_connection() -> anyhow::Result<()> {
     incident.collector.signal("CONT")?;
     result?;
     wait_for_misrouted(&incident, 12)?;
+    Ok(())
+}
+
+/// A slow collector: it runs only a fifth of the time (SIGSTOP for 400 ms,
+/// SIGCONT for 100 ms, over and over) while connections keep coming, so
+/// acks arrive late and batches pile up. No connection waits, and once the
+/// collector runs freely every event is stored exactly once.
+#[test]
+fn slow_collector_delays_no_connection_and_loses_nothing() -> anyhow::Result<()> {
+    let dist = Dist::locate()?;
+    let incident = Incident::start(&dist, false)?;
+    misroute(&incident, 1)?;
+    wait_for_misrouted(&incident, 1)?;
+    let slow = std::sync::atomic::AtomicBool::new(true);
+    // The collector this test started, by its PID.
+    let pid = incident.collector.process.id().to_string();
+    let signal = |name: &str| -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), pid.as_str()])
+            .status()?;
+        ensure!(status.success(), "kill -{name} {pid} failed");
+        Ok(())
+    };
+    let result = std::thread::scope(|scope| {
+        let throttle = scope.spawn(|| -> anyhow::Result<()> {
+            // Bounded: at most 60 cycles (30 s), fewer once the traffic is done.
+            for _ in 0..60 {
+                if !slow.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                signal("STOP")?;
+                std::thread::sleep(Duration::from_millis(400));
+                signal("CONT")?;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
+        });
+        let traffic = (0..3).try_for_each(|_| {
+            misroute(&incident, 10)?;
+            std::thread::sleep(Duration::from_millis(300));
+            Ok::<_, anyhow::Error>(())
+        });
+        slow.store(false, std::sync::atomic::Ordering::Relaxed);
+        let throttled = throttle
+            .join()
+            .map_err(|_| anyhow::anyhow!("the throttle thread panicked"))?;
+        traffic.and(throttled)
+    });
+    // Whatever happened, leave the collector running.
+    incident.collector.signal("CONT")?;
+    result?;
+    wait_for_misrouted(&incident, 31)?;
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(stored_events(&incident)?, 31, "each connection stored once");
+    assert_eq!(misrouted_count(&incident), 31);
+    let dropped: u64 = incident
+        .envoy
+        .counters("dialguard.events.dropped")?
+        .values()
+        .sum();
+    assert_eq!(
+        dropped, 0,
+        "the default buffer holds what a slow collector delays"
+    );
     Ok(())
 }
 
