@@ -72,7 +72,8 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             dist(&root)?;
-            ensure_valgrind()?; // the benchmark's quick test runs Envoy under callgrind
+            ensure_valgrind()?; // the cost benchmark's quick test
+            ensure_debian_tools(TEST_TOOLS)?;
             test(
                 cargo(&root)
                     .args(["test", "--workspace", "--release", "--all-targets"])
@@ -321,18 +322,63 @@ fn bench_collector(root: &Path, args: &[String]) -> anyhow::Result<()> {
         .env("DIALGUARD_DIST", root.join("dist")))
 }
 
-/// valgrind (callgrind, callgrind_control) from Debian, once.
-fn ensure_valgrind() -> anyhow::Result<()> {
-    let works = |name: &str| Command::new(name).arg("--version").output().is_ok();
-    if works("valgrind") && works("callgrind_control") {
+/// valgrind's commands (the filter benchmark runs Envoy under callgrind),
+/// and the Debian package that brings them.
+const VALGRIND: &[(&str, &str)] = &[("valgrind", "valgrind"), ("callgrind_control", "valgrind")];
+
+/// The other commands the tests run, and the Debian package that brings each.
+const TEST_TOOLS: &[(&str, &str)] = &[
+    ("prometheus", "prometheus"), // collector/tests/prometheus.rs
+    ("prometheus-alertmanager", "prometheus-alertmanager"), // collector/tests/alertmanager.rs
+    ("chromium", "chromium"),     // collector/tests/html_report.rs
+    ("iptables", "iptables"),     // tests/tests/netns.rs
+    ("ip", "iproute2"),
+];
+
+/// Whether `name` is an executable file on `PATH`.
+fn on_path(name: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(name))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// Installs, with apt-get, the Debian packages of `tools` whose command is missing.
+fn ensure_debian_tools(tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = tools
+        .iter()
+        .filter(|(command, _)| !on_path(command))
+        .map(|(_, package)| *package)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
         return Ok(());
     }
+    eprintln!("xtask: installing Debian packages {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "valgrind"])
+        .args(["install", "-y", "-qq"])
+        .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    if !works("valgrind") {
-        bail!("valgrind is still missing after `apt-get install valgrind`");
+    let still: Vec<&str> = tools
+        .iter()
+        .filter(|(command, _)| !on_path(command))
+        .map(|(command, _)| *command)
+        .collect();
+    if !still.is_empty() {
+        bail!(
+            "still missing after `apt-get install {}`: {}",
+            missing.join(" "),
+            still.join(", ")
+        );
     }
     Ok(())
+}
+
+/// valgrind (callgrind, callgrind_control) from Debian, once.
+fn ensure_valgrind() -> anyhow::Result<()> {
+    ensure_debian_tools(VALGRIND)
 }
