@@ -227,12 +227,29 @@ impl CollectorService {
         // batch is read and validated while earlier ones commit, and acks
         // still go out in order, each after its own commit.
         let mut pipeline: VecDeque<InFlight> = VecDeque::new();
+        let result = self.pump(hello, inbound, tx, &mut pipeline).await;
+        if result.is_err() {
+            // Shutting down, or a bad message: what was already queued is
+            // committed anyway, so it is acknowledged before the stream ends.
+            let _ = self.drain(hello, &mut pipeline, tx).await;
+        }
+        result
+    }
+
+    /// Reads, queues and acknowledges batches until the stream ends.
+    async fn pump(
+        &mut self,
+        hello: &Arc<Hello>,
+        inbound: &mut Streaming<SidecarMessage>,
+        tx: &Outbound,
+        pipeline: &mut VecDeque<InFlight>,
+    ) -> Result<(), IngestError> {
         let mut in_flight_events = 0usize;
         loop {
             let room = pipeline.len() < PIPELINE_BATCHES && in_flight_events < PIPELINE_EVENTS;
             let step = tokio::select! {
                 biased;
-                committed = oldest(&mut pipeline), if !pipeline.is_empty() => Step::Committed(committed),
+                committed = oldest(pipeline), if !pipeline.is_empty() => Step::Committed(committed),
                 next = self.next(inbound), if room => Step::Received(next?),
             };
             match step {
@@ -255,13 +272,7 @@ impl CollectorService {
                 },
                 Step::Received(Next::End) => {
                     // Every batch received is acknowledged before the stream closes.
-                    while let Some(mut done) = pipeline.pop_front() {
-                        let committed = (&mut done.commit).await?;
-                        if !self.acknowledge(hello, done, committed, tx).await? {
-                            return Ok(());
-                        }
-                    }
-                    return Ok(());
+                    return self.drain(hello, pipeline, tx).await;
                 }
                 Step::Received(Next::Broken(status)) => {
                     // The batches already queued still commit; nobody is left to ack.
@@ -271,6 +282,22 @@ impl CollectorService {
                 }
             }
         }
+    }
+
+    /// Waits for every queued batch's commit and acknowledges each, in order.
+    async fn drain(
+        &mut self,
+        hello: &Hello,
+        pipeline: &mut VecDeque<InFlight>,
+        tx: &Outbound,
+    ) -> Result<(), IngestError> {
+        while let Some(mut done) = pipeline.pop_front() {
+            let committed = (&mut done.commit).await?;
+            if !self.acknowledge(hello, done, committed, tx).await? {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Validates a batch and queues it for commit with its share of the budget.
@@ -344,8 +371,10 @@ impl CollectorService {
                 rejected: done.rejected,
             })),
         };
-        // A sidecar that stops reading acks must not hold up shutdown.
+        // Acks go out also while shutting down; only a sidecar that stops
+        // reading them (a full channel) must not hold shutdown up.
         tokio::select! {
+            biased;
             sent = tx.send(Ok(ack)) => Ok(sent.is_ok()),
             _ = self.shutdown.wait_for(|stop| *stop) => Err(IngestError::ShuttingDown),
         }

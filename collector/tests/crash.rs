@@ -370,6 +370,20 @@ async fn sigterm_under_load_exits_0_and_loses_nothing_acknowledged() {
     );
 
     assert_acked_events_stored(&db, &fleet, &collector.log());
+    // A graceful stop acknowledges every batch it committed.
+    for index in 0..VMS {
+        let vm = vm_name(index);
+        let committed = count(
+            &db,
+            &format!("SELECT committed_through FROM sidecars WHERE vm_instance = '{vm}'"),
+        );
+        assert_eq!(
+            committed,
+            fleet.acked(index) as i64,
+            "{vm}: committed through {committed} but acknowledged through {}",
+            fleet.acked(index)
+        );
+    }
     drop(collector);
 
     restart_and_resend(&db, &fleet).await;
