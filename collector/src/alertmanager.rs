@@ -6,7 +6,7 @@
 //! observations go through a bounded queue to one task that retries with
 //! backoff while Alertmanager is down.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
@@ -69,7 +69,7 @@ pub struct AlertmanagerSink {
 impl AlertmanagerSink {
     /// Queues the batch's reported connections (one observation per key).
     pub fn observe(&self, sidecar: &Hello, events: &[ValidEvent], directory: &Directory) {
-        let mut seen: HashMap<Key, ()> = HashMap::new();
+        let mut seen: HashSet<Key> = HashSet::new();
         for event in events {
             let key = Key {
                 workload: sidecar.workload_name.clone(),
@@ -79,7 +79,7 @@ impl AlertmanagerSink {
                 cluster: event.raw.cluster_name.clone(),
                 verdict: event.verdict.label(),
             };
-            if seen.insert(key.clone(), ()).is_some() {
+            if !seen.insert(key.clone()) {
                 continue;
             }
             let observation = Observation {

@@ -213,7 +213,11 @@ enum Request {
         reply: Reply<Committed>,
     },
     /// A sidecar identified itself or went away: refresh its directory entries.
-    Seen { sidecar: Arc<Hello>, at_ns: u64 },
+    Seen {
+        sidecar: Arc<Hello>,
+        at_ns: u64,
+        reply: Reply<()>,
+    },
     /// Remove what is older than the cutoff, a chunk at a time between commits.
     Expire {
         cutoff_ns: u64,
@@ -340,12 +344,16 @@ impl Writer {
         Ok(PendingCommit { done })
     }
 
-    /// Records that the sidecar was connected at `at_ns` (directory, last seen).
+    /// Records that the sidecar was connected at `at_ns` (directory, last
+    /// seen); returns once it is written, so a stream that has ended has its
+    /// disconnect in the directory.
     pub async fn seen(&self, sidecar: Arc<Hello>, at_ns: u64) -> Result<(), StoreError> {
-        self.tx
-            .send(Request::Seen { sidecar, at_ns })
-            .await
-            .map_err(|_| StoreError::WriterGone)
+        self.ask(|reply| Request::Seen {
+            sidecar,
+            at_ns,
+            reply,
+        })
+        .await
     }
 
     /// Deletes events, aggregate rows, directory entries and idle sidecars
@@ -491,10 +499,16 @@ impl WriterThread {
                         group_events += batch.events.len();
                         commits.push((batch, queued, reply));
                     }
-                    Request::Seen { sidecar, at_ns } => {
-                        if let Err(err) = record_seen(&mut self.conn, &sidecar, at_ns) {
+                    Request::Seen {
+                        sidecar,
+                        at_ns,
+                        reply,
+                    } => {
+                        let recorded = record_seen(&mut self.conn, &sidecar, at_ns);
+                        if let Err(err) = &recorded {
                             tracing::error!("directory update failed: {err}");
                         }
+                        let _ = reply.send(recorded.map_err(|err| err.to_string()));
                     }
                     Request::Expire { cutoff_ns, reply } => self.start_expiry(cutoff_ns, reply),
                 }

@@ -460,6 +460,20 @@ impl ReportStream {
         self.next_ack().await.expect("batch not acknowledged")
     }
 
+    /// Ends the stream as a sidecar that shuts down does, and waits until the
+    /// collector has finished with it (it then has recorded the disconnect).
+    pub async fn close(self) {
+        let Self { tx, mut rx } = self;
+        drop(tx);
+        loop {
+            match bounded("the end of the stream", rx.message()).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break,
+                Err(status) => panic!("the stream ended with {status}"),
+            }
+        }
+    }
+
     /// Waits for the status that ends the stream; it must be an error.
     pub async fn error(&mut self) -> Status {
         match self.next_ack().await {

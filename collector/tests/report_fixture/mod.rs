@@ -147,7 +147,7 @@ pub async fn fill(server: &Server) -> Fixture {
     };
 
     let manager = sidecar("manager-0", "manager", "manager", "10.0.1.6");
-    let mut stream = ReportStream::open_with(
+    let mut manager_stream = ReportStream::open_with(
         &mut client,
         SidecarMessage {
             kind: Some(sidecar_message::Kind::Hello(manager)),
@@ -156,7 +156,7 @@ pub async fn fill(server: &Server) -> Fixture {
     .await
     .expect("manager stream");
     let h = |hours: f64| fixture.at_hour(hours);
-    stream
+    manager_stream
         .send_acked(batch(
             vec![
                 event(1, h(0.0), &catch_all),
@@ -170,7 +170,7 @@ pub async fn fill(server: &Server) -> Fixture {
         .await;
 
     let app = sidecar("app-0", "app", HOSTILE_WORKLOAD, "10.0.2.4");
-    let mut stream = ReportStream::open_with(
+    let mut app_stream = ReportStream::open_with(
         &mut client,
         SidecarMessage {
             kind: Some(sidecar_message::Kind::Hello(app)),
@@ -178,7 +178,7 @@ pub async fn fill(server: &Server) -> Fixture {
     )
     .await
     .expect("app stream");
-    stream
+    app_stream
         .send_acked(batch(
             vec![
                 event(1, h(7.0), &hostile),
@@ -188,6 +188,11 @@ pub async fn fill(server: &Server) -> Fixture {
             4,
         ))
         .await;
+    // Both sidecars disconnect, and the collector records it in the
+    // directory, before any report is made: reports made one after another
+    // then see the same directory.
+    manager_stream.close().await;
+    app_stream.close().await;
     fixture
 }
 
