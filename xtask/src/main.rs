@@ -335,15 +335,17 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
 ];
 
-/// Whether `name` is an executable file on `PATH`.
+/// Whether `name` is an executable file on `PATH` or in the sbin
+/// directories (where Debian puts `ip` and `iptables`, often off a user's PATH).
 fn on_path(name: &str) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .any(|dir| {
             std::fs::metadata(dir.join(name))
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
-    })
 }
 
 /// Installs, with apt-get, the Debian packages of `tools` whose command is missing.
