@@ -289,24 +289,17 @@ fn bench_filter(root: &Path, args: &[String]) -> anyhow::Result<()> {
             .join("empty_filter.wasm"),
         &root.join("dist").join("empty_filter.wasm"),
     )?;
-    run(cargo(root)
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "-p",
-            "dialguard-bench",
-            "--bin",
-            "dialguard-bench-filter",
-            "--",
-        ])
-        .args(args)
-        .env("DIALGUARD_DIST", root.join("dist")))
+    run_bench(root, "dialguard-bench-filter", args)
 }
 
 /// `bench collector`: dist/ (the collector binary), then the benchmark.
 fn bench_collector(root: &Path, args: &[String]) -> anyhow::Result<()> {
     dist(root)?;
+    run_bench(root, "dialguard-bench-collector", args)
+}
+
+/// Runs a benchmark binary of `bench/` in release mode on `dist/`.
+fn run_bench(root: &Path, binary: &str, args: &[String]) -> anyhow::Result<()> {
     run(cargo(root)
         .args([
             "run",
@@ -315,7 +308,7 @@ fn bench_collector(root: &Path, args: &[String]) -> anyhow::Result<()> {
             "-p",
             "dialguard-bench",
             "--bin",
-            "dialguard-bench-collector",
+            binary,
             "--",
         ])
         .args(args)
