@@ -15,8 +15,9 @@
 //! 2. idle memory: `VmRSS` of a fresh collector with N streams open, each
 //!    on its own connection, `Hello` sent and processed, nothing else.
 //! 3. report time: a database filled through the real ingest (2,000 VMs
-//!    over 200 workloads, in waves of a few streams so the writer never
-//!    falls behind and keeps every raw row), then the median of several
+//!    over 200 workloads, in waves of a few streams; at full speed the
+//!    writer samples raw rows, which the report, made from the aggregates,
+//!    does not read), then the median of several
 //!    `dialguard report --format json` runs (process start included) and
 //!    `GET /api/v1/report`, both while the collector serves the database.
 //!
