@@ -146,10 +146,15 @@ impl Collector for CollectorService {
         tokio::spawn(async move {
             let _permit = permit;
             let metrics = service.metrics.clone();
-            if let Err(err) = service.serve_stream(inbound, &tx).await {
+            let mut inbound = inbound;
+            if let Err(err) = service.serve_stream(&mut inbound, &tx).await {
                 tracing::warn!("stream ended: {err}");
                 metrics.refuse_stream(err.reason());
+                let shutting_down = matches!(err, IngestError::ShuttingDown);
                 let _ = tx.send(Err(err.into())).await;
+                if shutting_down {
+                    linger(&mut inbound).await;
+                }
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -181,10 +186,10 @@ impl CollectorService {
 
     async fn serve_stream(
         mut self,
-        mut inbound: Streaming<SidecarMessage>,
+        inbound: &mut Streaming<SidecarMessage>,
         tx: &Outbound,
     ) -> Result<(), IngestError> {
-        let first = tokio::time::timeout(self.limits.hello_timeout, self.next(&mut inbound))
+        let first = tokio::time::timeout(self.limits.hello_timeout, self.next(inbound))
             .await
             .map_err(|_| IngestError::NoHello(self.limits.hello_timeout))??;
         let hello = match first {
@@ -207,7 +212,7 @@ impl CollectorService {
             .seen(Arc::clone(&hello), crate::time::now_unix_nanos())
             .await?;
         self.metrics.streams_connected.inc();
-        let result = self.serve_batches(&hello, &mut inbound, tx).await;
+        let result = self.serve_batches(&hello, inbound, tx).await;
         self.metrics.streams_connected.dec();
         // The directory remembers when the pod was last connected.
         let _ = self
@@ -379,6 +384,25 @@ impl CollectorService {
             _ = self.shutdown.wait_for(|stop| *stop) => Err(IngestError::ShuttingDown),
         }
     }
+}
+
+/// How long a stream told that the collector is shutting down keeps reading
+/// (and discarding) what the sidecar still sends.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Reads the inbound side until the sidecar ends it, for at most [`LINGER`].
+///
+/// On shutdown the connection closes as soon as its last stream ends. A
+/// sidecar still sending batches into a closed socket gets a TCP reset,
+/// and its kernel may drop the final acks and status it had not read yet;
+/// so the stream stays open until the sidecar, having read the status,
+/// ends its side. What it sends meanwhile was never acknowledged and will
+/// be sent again.
+async fn linger(inbound: &mut Streaming<SidecarMessage>) {
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(Some(_)) = inbound.message().await {}
+    })
+    .await;
 }
 
 /// Decoded events queued for the store, over all streams (about 1 KiB each
