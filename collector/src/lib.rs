@@ -11,6 +11,7 @@ pub mod alertmanager;
 pub mod auth;
 pub mod directory;
 pub mod event;
+pub mod finding;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

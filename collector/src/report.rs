@@ -9,6 +9,7 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use rusqlite::Connection;
 use serde::Serialize;
 
+use crate::finding::{Cause, Culprit};
 use crate::store::{self, DirectoryEntry, StoreError};
 use crate::time::rfc3339;
 
@@ -49,6 +50,24 @@ pub struct ReportRow {
     /// What usually fixes it (from the field incidents).
     #[serde(default)]
     pub fix: String,
+    /// The root cause the row's events support.
+    #[serde(default)]
+    pub cause: Cause,
+    /// The cause in one sentence, naming the listener, service or policy.
+    #[serde(default)]
+    pub cause_text: String,
+    /// The object to change; null when the events do not name one.
+    #[serde(default)]
+    pub culprit: Option<Culprit>,
+    /// Connections of the row that enforce mode would close (audit) or closed.
+    #[serde(default)]
+    pub would_close: u64,
+    /// Connections of the row that enforce mode closed.
+    #[serde(default)]
+    pub enforced: u64,
+    /// Pods of the source workload that made these connections (at most 16).
+    #[serde(default)]
+    pub source_pods: Vec<String>,
 }
 
 /// Who the application meant to reach.
@@ -121,6 +140,12 @@ pub fn query_filtered(conn: &Connection, filter: &ReportFilter) -> Result<Report
                 upstream_workload: row.get(10)?,
                 summary: String::new(),
                 fix: String::new(),
+                cause: Cause::default(),
+                cause_text: String::new(),
+                culprit: None,
+                would_close: 0,
+                enforced: 0,
+                source_pods: Vec::new(),
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;

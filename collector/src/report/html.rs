@@ -556,6 +556,17 @@ mod tests {
             upstream_workload: format!("{evil};app;x;y;z"),
             summary: evil.into(),
             fix: evil.into(),
+            cause: crate::finding::Cause::CatchAll,
+            cause_text: evil.into(),
+            culprit: Some(crate::finding::Culprit {
+                kind: "Service".into(),
+                namespace: "app".into(),
+                name: evil.into(),
+                inspect: format!("kubectl -n app get service {evil}"),
+            }),
+            would_close: 3,
+            enforced: 0,
+            source_pods: vec![evil.into()],
         }
     }
 
