@@ -98,6 +98,8 @@ impl Judgement {
             intended_service,
             enforced: false,
             upstream_workload,
+            would_close: false,
+            judged_open: false,
         }
     }
 }
