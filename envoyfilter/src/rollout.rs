@@ -201,6 +201,13 @@ fn plan(args: &RolloutArgs) -> Result<Plan, RolloutError> {
             "expected audit or enforce (enforce needs --module-url to name dialguard_filter_enforce.wasm)",
         ));
     }
+    if args.mode == "enforce" && args.pod_cidrs.is_empty() {
+        return Err(invalid(
+            "--pod-cidr",
+            "",
+            "enforce mode closes only connections dialed to pod IPs, so it needs the cluster's pod ranges, e.g. --pod-cidr 10.244.0.0/16",
+        ));
+    }
     let (collector_host, collector_port) = parse_host_port("--collector", &args.collector)?;
 
     let url_expected = "expected an http:// or https:// URL of the module, e.g. http://dialguard-collector.dialguard:8080/module/dialguard_filter.wasm";

@@ -292,6 +292,14 @@ fn bad_flags_are_named() {
             "--mode",
             "expected audit or enforce",
         ),
+        (
+            |a| {
+                a.mode = "enforce".into();
+                a.pod_cidrs.clear();
+            },
+            "--pod-cidr",
+            "enforce mode closes only connections dialed to pod IPs",
+        ),
     ];
     for (mutate, flag, expected) in cases {
         let mut bad = args();
@@ -301,6 +309,11 @@ fn bad_flags_are_named() {
         assert!(err.to_string().contains(expected), "{err}");
         assert!(rollout::uninstall(&bad).is_err());
     }
+    // Enforce with the pod ranges renders.
+    let mut enforce = args();
+    enforce.mode = "enforce".into();
+    enforce.pod_cidrs = vec!["10.244.0.0/16".into()];
+    assert!(rollout::render(&enforce).is_ok());
     // IPv6 collector addresses are fine in brackets.
     let mut v6 = args();
     v6.collector = "[fd00::10]:50051".into();

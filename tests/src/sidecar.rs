@@ -54,6 +54,17 @@ pub struct Layout {
     pub app_pods: [Ipv4Addr; 2],
     pub manager_vip: Ipv4Addr,
     pub app_vip: Ipv4Addr,
+    /// The port of `api.example.com`, a TCP ServiceEntry with `resolution:
+    /// DNS` and no `addresses` whose name has several A records: DNS load
+    /// balancing, which must never look like a misroute.
+    pub api_port: u16,
+    /// The A records of `api.example.com`, outside the pod and Service ranges.
+    pub api_records: [Ipv4Addr; 3],
+    /// The port of `peers-ext`, an ExternalName Service that aliases a
+    /// headless Service: its catch-all's DNS name resolves to pod IPs.
+    pub peers_port: u16,
+    /// The pods behind the headless Service.
+    pub peer_set: [Ipv4Addr; 3],
 }
 
 impl Layout {
@@ -70,10 +81,24 @@ impl Layout {
             app_pods: [Ipv4Addr::new(127, 0, 2, 4), Ipv4Addr::new(127, 0, 2, 5)],
             manager_vip: Ipv4Addr::new(127, 96, 0, 20),
             app_vip: Ipv4Addr::new(127, 96, 3, 4),
+            api_port: 0,
+            api_records: [
+                Ipv4Addr::new(127, 1, 0, 10),
+                Ipv4Addr::new(127, 1, 0, 11),
+                Ipv4Addr::new(127, 1, 0, 12),
+            ],
+            peers_port: 0,
+            peer_set: [
+                Ipv4Addr::new(127, 0, 4, 1),
+                Ipv4Addr::new(127, 0, 4, 2),
+                Ipv4Addr::new(127, 0, 4, 3),
+            ],
         };
         layout.port = free_port_on(&layout.pod_ips())?;
         layout.passthrough_port = free_port_on(&layout.pod_ips())?;
         layout.dns_port = free_port_on(&layout.pod_ips())?;
+        layout.api_port = free_port_on(&layout.api_records)?;
+        layout.peers_port = free_port_on(&layout.peer_set)?;
         Ok(layout)
     }
 
@@ -93,6 +118,18 @@ impl Layout {
             app_pods: [Ipv4Addr::new(10, 244, 2, 4), Ipv4Addr::new(10, 244, 2, 5)],
             manager_vip: Ipv4Addr::new(10, 96, 0, 20),
             app_vip: Ipv4Addr::new(10, 96, 3, 4),
+            api_port: 8443,
+            api_records: [
+                Ipv4Addr::new(192, 0, 2, 20),
+                Ipv4Addr::new(192, 0, 2, 21),
+                Ipv4Addr::new(192, 0, 2, 22),
+            ],
+            peers_port: 7800,
+            peer_set: [
+                Ipv4Addr::new(10, 244, 4, 1),
+                Ipv4Addr::new(10, 244, 4, 2),
+                Ipv4Addr::new(10, 244, 4, 3),
+            ],
         }
     }
 
@@ -142,6 +179,12 @@ impl Layout {
     }
     pub fn app_ext_cluster(&self) -> String {
         format!("outbound|{}||app-ext.app.svc.cluster.local", self.port)
+    }
+    pub fn api_cluster(&self) -> String {
+        format!("outbound|{}||api.example.com", self.api_port)
+    }
+    pub fn peers_cluster(&self) -> String {
+        format!("outbound|{}||peers-ext.app.svc.cluster.local", self.peers_port)
     }
 }
 
@@ -444,6 +487,26 @@ pub fn bootstrap_for(
                     "traffic_direction": "OUTBOUND",
                     "bind_to_port": false,
                 },
+                // The same for `api.example.com`, whose name has three A records.
+                {
+                    "name": format!("0.0.0.0_{}", layout.api_port),
+                    "address": { "socket_address": { "address": "0.0.0.0", "port_value": layout.api_port }},
+                    "filter_chains": [chain(None, None, &layout.api_cluster(), dialguard, access_log)],
+                    "traffic_direction": "OUTBOUND",
+                    "bind_to_port": false,
+                },
+                // What the ExternalName Service `peers-ext` (aliasing a headless Service) generates.
+                {
+                    "name": format!("0.0.0.0_{}", layout.peers_port),
+                    "address": { "socket_address": { "address": "0.0.0.0", "port_value": layout.peers_port }},
+                    "filter_chains": [
+                        chain(None, Some(json!({ "prefix_ranges": [{ "address_prefix": layout.own_pod.to_string(), "prefix_len": 32 }] })),
+                              "BlackHoleCluster", dialguard, access_log),
+                        chain(None, None, &layout.peers_cluster(), dialguard, access_log),
+                    ],
+                    "traffic_direction": "OUTBOUND",
+                    "bind_to_port": false,
+                },
             ],
             "clusters": [
                 { "name": "PassthroughCluster", "type": "ORIGINAL_DST", "connect_timeout": "1s", "lb_policy": "CLUSTER_PROVIDED" },
@@ -454,6 +517,10 @@ pub fn bootstrap_for(
                                &layout.app_pods.map(|ip| layout.at(ip))),
                 app_ext_cluster(layout),
                 mongo_cluster(layout),
+                dns_cluster(&layout.api_cluster(), ("api.example.com", "app"),
+                            &layout.api_records.map(|ip| SocketAddr::new(IpAddr::V4(ip), layout.api_port))),
+                dns_cluster(&layout.peers_cluster(), ("peers-ext.app.svc.cluster.local", "app"),
+                            &layout.peer_set.map(|ip| SocketAddr::new(IpAddr::V4(ip), layout.peers_port))),
             ]
         }
     });
@@ -483,6 +550,15 @@ fn mongo_cluster(layout: &Layout) -> Value {
             layout.dns_port,
         )],
     );
+    cluster["type"] = json!("STRICT_DNS");
+    cluster["dns_lookup_family"] = json!("V4_ONLY");
+    cluster
+}
+
+/// A STRICT_DNS cluster over the addresses its name resolves to (literal
+/// addresses here: no DNS on loopback), balanced round robin.
+fn dns_cluster(name: &str, service: (&str, &str), endpoints: &[SocketAddr]) -> Value {
+    let mut cluster = static_cluster(name, service, endpoints);
     cluster["type"] = json!("STRICT_DNS");
     cluster["dns_lookup_family"] = json!("V4_ONLY");
     cluster

@@ -56,9 +56,14 @@ fn envoy_rejects_invalid_configuration_naming_the_field() -> anyhow::Result<()> 
             c(json!({ "mode": "block" })),
             "at `mode`: unknown variant `block`",
         ),
-        // The audit build refuses enforce mode rather than silently auditing.
+        // Enforce closes only certain misroutes: pod IPs sent elsewhere.
         (
             c(json!({ "mode": "enforce" })),
+            "at `podCidrs`: enforce mode closes only connections dialed to pod IPs",
+        ),
+        // The audit build refuses enforce mode rather than silently auditing.
+        (
+            c(json!({ "mode": "enforce", "podCidrs": ["10.244.0.0/16"] })),
             "at `mode`: enforce needs the module built with enforcement",
         ),
         (c(json!({ "colector": {} })), "at `colector`: unknown field"),

@@ -31,9 +31,11 @@ pub struct FilterConfig {
     /// The default is kubeadm's service range.
     #[serde(default = "default_service_cidrs")]
     pub service_cidrs: Vec<Cidr>,
-    /// Pod ranges. When set, a destination outside both these and the Service
-    /// ranges that reached another address is `REDIRECTED` (lower severity),
-    /// not `MISROUTED`.
+    /// Pod ranges: the mesh's own addresses. Only a dialed address inside
+    /// them that reached another address is `MISROUTED` (certain, alerted,
+    /// closed in enforce mode); any other difference is `REDIRECTED`, which
+    /// the collector upgrades when its pod directory knows the address.
+    /// Required by enforce mode.
     #[serde(default)]
     pub pod_cidrs: Vec<Cidr>,
     /// Differences the operator declares legitimate.
@@ -104,6 +106,14 @@ impl<'de> Deserialize<'de> for Cidr {
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
+    }
+}
+
+/// Istio's ServiceEntry VIP auto-allocation ranges: 240.240.0.0/16 and 2001:2::/48.
+fn is_istio_auto_allocated(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => matches!(v4.octets(), [240, 240, _, _]),
+        IpAddr::V6(v6) => matches!(v6.segments(), [0x2001, 0x2, 0, ..]),
     }
 }
 
@@ -208,6 +218,16 @@ impl FilterConfig {
                 format!("expected 4096 to 268435456, got {}", c.max_buffered_bytes),
             );
         }
+        if self.mode == Mode::Enforce && self.pod_cidrs.is_empty() {
+            // Without pod ranges no difference is certain, and enforce must
+            // never close a legitimate connection (DNS load balancing).
+            return fail(
+                "podCidrs",
+                "enforce mode closes only connections dialed to pod IPs, so it needs the pod \
+                 ranges, e.g. [\"10.244.0.0/16\"]; got none"
+                    .into(),
+            );
+        }
         for (i, rule) in self.allow.iter().enumerate() {
             if rule.cluster.is_none() && rule.destination_cidr.is_none() && rule.port.is_none() {
                 return fail(
@@ -236,17 +256,23 @@ impl FilterConfig {
         Ok(())
     }
 
-    /// True when the address is a Service VIP.
+    /// True when the address is a Service VIP: inside `serviceCidrs`, or in
+    /// the ranges istiod auto-allocates ServiceEntry VIPs from (DNS proxying
+    /// answers with them; the `<vip>_<port>` listener then balances over the
+    /// entry's real addresses).
     pub fn is_service_vip(&self, ip: IpAddr) -> bool {
-        self.service_cidrs.iter().any(|c| c.contains(ip))
+        self.service_cidrs.iter().any(|c| c.contains(ip)) || is_istio_auto_allocated(ip)
     }
 
-    /// True when `podCidrs` is set and the address lies outside both the
-    /// Service and the pod ranges (typically an external host).
-    pub fn is_outside_pods(&self, ip: IpAddr) -> bool {
+    /// True when the address is inside `podCidrs`: a difference is then certain.
+    pub fn is_pod(&self, ip: IpAddr) -> bool {
+        self.pod_cidrs.iter().any(|c| c.contains(ip))
+    }
+
+    /// True when pod ranges are configured, so that an address outside them
+    /// is known to be external.
+    pub fn knows_pods(&self) -> bool {
         !self.pod_cidrs.is_empty()
-            && !self.pod_cidrs.iter().any(|c| c.contains(ip))
-            && !self.is_service_vip(ip)
     }
 
     /// True when some allow rule reads the cluster name (so it must be fetched).

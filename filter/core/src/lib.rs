@@ -24,6 +24,6 @@ pub use identity::{NodeFacts, hello};
 pub use metadata::MetadataCache;
 pub use outbox::{Outbox, OutboxLimits};
 pub use upstreams::UpstreamMemory;
-pub use verdict::{ConnectionFacts, Judgement, judge};
+pub use verdict::{ConnectionFacts, JudgePoint, Judgement, Outcome, judge};
 
 pub use dialguard_proto::v1::Verdict;

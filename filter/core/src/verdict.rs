@@ -39,6 +39,12 @@ pub struct Judgement {
 }
 
 impl Judgement {
+    /// Whether enforce mode closes this connection: only a certain misroute
+    /// (a pod IP sent elsewhere). Reported in audit mode too, as a preview.
+    pub fn would_close(&self) -> bool {
+        self.verdict == Verdict::Misrouted
+    }
+
     /// Whether the collector must hear about this connection.
     pub fn is_reported(&self) -> bool {
         matches!(
@@ -98,22 +104,53 @@ impl Judgement {
             intended_service,
             enforced: false,
             upstream_workload,
-            would_close: false,
+            would_close: self.would_close(),
             judged_open: false,
         }
     }
 }
 
-/// Judges one finished connection. `None` when the original destination is
-/// unknown (not an IP connection, or a listener without original_dst): there
-/// is nothing to compare. `upstreams` is this VM's memory of upstream hosts
-/// per cluster; differing connections teach it.
+/// When a connection is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JudgePoint {
+    /// While it is open, once Envoy has chosen its upstream: a connection
+    /// without an upstream host yet is not judged (it is still connecting,
+    /// or will end with `BLACKHOLED` at its close).
+    Open,
+    /// At its end (`on_log`): every connection gets a verdict.
+    End,
+}
+
+/// The outcome of trying to judge a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Judged(Judgement),
+    /// [`JudgePoint::Open`] before the upstream is known: try again later.
+    NotYet,
+    /// The original destination is unknown (not an IP connection, or a
+    /// listener without original_dst): there is nothing to compare.
+    Unjudged,
+}
+
+/// Judges one connection.
+///
+/// The line that matters is whether the dialed address belongs to the mesh:
+/// a pod IP (inside `podCidrs`) that reached another address is certain to
+/// be misrouted, whatever was learned before. Any other difference may be
+/// legitimate (the same DNS name answering with another address) and is
+/// `REDIRECTED`, or `RESOLVED` once this VM has seen the dialed address as an
+/// upstream host of the same cluster. That memory is kept and used only when
+/// pod ranges are configured, since only then is an address known to be
+/// external; `upstreams` holds it.
 pub fn judge(
     config: &FilterConfig,
     upstreams: &mut UpstreamMemory,
     facts: &mut impl ConnectionFacts,
-) -> Option<Judgement> {
-    let dst = facts.original_destination()?;
+    at: JudgePoint,
+) -> Outcome {
+    let Some(dst) = facts.original_destination() else {
+        return Outcome::Unjudged;
+    };
     let mut judgement = Judgement {
         verdict: Verdict::Service,
         original_destination: dst,
@@ -123,12 +160,15 @@ pub fn judge(
     // Cheapest decisions first: a VIP needs one read, a match two; only
     // connections that differ pay for more.
     if config.is_service_vip(dst.ip()) {
-        return Some(judgement);
+        return Outcome::Judged(judgement);
     }
     judgement.upstream_host = facts.upstream_host();
+    if at == JudgePoint::Open && judgement.upstream_host.is_none() {
+        return Outcome::NotYet;
+    }
     if judgement.upstream_host.is_some_and(|u| u.is(dst)) {
         judgement.verdict = Verdict::Match;
-        return Some(judgement);
+        return Outcome::Judged(judgement);
     }
     if config.allow_needs_cluster() || judgement.upstream_host.is_some() {
         judgement.cluster_name = facts.cluster_name();
@@ -136,20 +176,26 @@ pub fn judge(
     let cluster = judgement.cluster_name.as_deref();
     if config.allow.iter().any(|rule| rule.matches(dst, cluster)) {
         judgement.verdict = Verdict::Allowed;
-        return Some(judgement);
+        return Outcome::Judged(judgement);
     }
     let Some(upstream) = judgement.upstream_host else {
         judgement.verdict = Verdict::Blackholed;
-        return Some(judgement);
+        return Outcome::Judged(judgement);
     };
-    let cluster = cluster.unwrap_or_default();
-    upstreams.record(cluster, upstream.0);
-    judgement.verdict = if upstreams.has_seen(cluster, dst.0) {
-        Verdict::Resolved
-    } else if config.is_outside_pods(dst.ip()) {
-        Verdict::Redirected
-    } else {
+    judgement.verdict = if config.is_pod(dst.ip()) {
         Verdict::Misrouted
+    } else if config.knows_pods() {
+        let cluster = cluster.unwrap_or_default();
+        // A pod IP learned as an upstream never excuses anything: the
+        // branch above decides pod IPs first.
+        upstreams.record(cluster, upstream.0);
+        if upstreams.has_seen(cluster, dst.0) {
+            Verdict::Resolved
+        } else {
+            Verdict::Redirected
+        }
+    } else {
+        Verdict::Redirected
     };
-    Some(judgement)
+    Outcome::Judged(judgement)
 }

@@ -3,9 +3,23 @@
 use std::net::SocketAddr;
 
 use dialguard_filter_core::{
-    ConnectionFacts, FilterConfig, MetadataCache, OrigDst, UpstreamHost, UpstreamMemory, Verdict,
-    judge,
+    ConnectionFacts, FilterConfig, JudgePoint, Judgement, MetadataCache, OrigDst, Outcome,
+    UpstreamHost, UpstreamMemory, Verdict,
 };
+
+/// Judges at the connection's end (every connection gets a verdict); `None`
+/// when it cannot be judged.
+fn judge(
+    config: &FilterConfig,
+    upstreams: &mut UpstreamMemory,
+    facts: &mut Facts,
+) -> Option<Judgement> {
+    match dialguard_filter_core::judge(config, upstreams, facts, JudgePoint::End) {
+        Outcome::Judged(judgement) => Some(judgement),
+        Outcome::Unjudged => None,
+        Outcome::NotYet => panic!("judging at the end never waits"),
+    }
+}
 
 /// Plain values, with a log of which facts were read (each read is a hostcall in Envoy).
 #[derive(Default)]
@@ -136,12 +150,28 @@ fn verdict_table() {
             None,
             Some(Verdict::Service),
         ),
+        // Outside the pod ranges: not certain.
         (
             "",
             "10.112.0.1:80",
             Some("10.0.1.7:80"),
             None,
-            Some(Verdict::Misrouted),
+            Some(Verdict::Redirected),
+        ),
+        // Istio's auto-allocated ServiceEntry VIPs are VIPs.
+        (
+            "",
+            "240.240.0.5:443",
+            Some("203.0.113.11:443"),
+            None,
+            Some(Verdict::Service),
+        ),
+        (
+            "",
+            "[2001:2::5]:443",
+            Some("[2001:db8::11]:443"),
+            None,
+            Some(Verdict::Service),
         ),
         // IPv6
         (
@@ -206,6 +236,13 @@ fn verdict_table() {
             "10.1.4.4:5433",
             Some("10.0.9.9:5433"),
             Some("x"),
+            Some(Verdict::Redirected),
+        ),
+        (
+            ALLOW,
+            "10.0.4.4:5433",
+            Some("10.0.9.9:5433"),
+            Some("x"),
             Some(Verdict::Misrouted),
         ),
         (
@@ -245,7 +282,8 @@ fn verdict_table() {
             cluster: *cluster,
             ..Facts::default()
         };
-        let verdict = judge(&config(extra), &mut memory(), &mut facts).map(|j| j.verdict);
+        let config = config(&format!("{PODS}{extra}"));
+        let verdict = judge(&config, &mut memory(), &mut facts).map(|j| j.verdict);
         assert_eq!(
             verdict, *expected,
             "dialed {dst}, upstream {upstream:?}, cluster {cluster:?}, config {extra:?}"
@@ -261,6 +299,11 @@ fn unknown_original_destination_is_not_judged() {
     };
     assert_eq!(judge(&config(""), &mut memory(), &mut facts), None);
     assert_eq!(facts.reads, ["destination"]);
+    let mut open = Facts::default();
+    assert_eq!(
+        dialguard_filter_core::judge(&config(""), &mut memory(), &mut open, JudgePoint::Open),
+        Outcome::Unjudged
+    );
 }
 
 #[test]
@@ -287,7 +330,7 @@ fn reads_only_what_the_decision_needs() {
         cluster: Some("outbound|80||app-ext.app.svc.cluster.local"),
         ..Facts::default()
     };
-    let judgement = judge(&config(""), &mut memory(), &mut differs).expect("judged");
+    let judgement = judge(&config(PODS), &mut memory(), &mut differs).expect("judged");
     assert_eq!(differs.reads, ["destination", "upstream", "cluster"]);
     judgement.to_event(&mut differs, &mut MetadataCache::new(8), 1, 0);
     assert_eq!(differs.reads.iter().filter(|r| **r == "cluster").count(), 1);
@@ -326,12 +369,14 @@ fn outside_the_pod_ranges_a_difference_is_redirected() {
             Verdict::Misrouted,
         ),
         (PODS, "10.96.0.10:53", "10.0.0.5:53", Verdict::Service),
+        // Without pod ranges no difference is certain.
         (
             "",
             "203.0.113.10:443",
             "203.0.113.11:443",
-            Verdict::Misrouted,
+            Verdict::Redirected,
         ),
+        ("", "10.0.1.7:5701", "10.0.3.9:5701", Verdict::Redirected),
     ];
     for (pods, dst, upstream, expected) in cases {
         let mut facts = Facts {
@@ -424,7 +469,7 @@ fn reported_event_carries_both_sides_and_the_details() {
         response_flags: 0x8020,
         ..Facts::default()
     };
-    let judgement = judge(&config(""), &mut memory(), &mut facts).expect("judged");
+    let judgement = judge(&config(PODS), &mut memory(), &mut facts).expect("judged");
     assert!(judgement.is_reported());
     let event = judgement.to_event(
         &mut facts,
@@ -445,6 +490,8 @@ fn reported_event_carries_both_sides_and_the_details() {
         "outbound|5701||app-ext.app.svc.cluster.local"
     );
     assert_eq!(event.verdict(), Verdict::Misrouted);
+    assert!(event.would_close, "a certain misroute is what enforce closes");
+    assert!(!event.judged_open, "judge_and_record sets it; to_event does not guess");
     assert_eq!(event.response_flags, 0x8020);
     assert_eq!(event.connection_id, 42);
     assert_eq!(event.intended_service, "app-ext.app.svc.cluster.local");
@@ -456,7 +503,7 @@ fn reported_event_carries_both_sides_and_the_details() {
 }
 
 #[test]
-fn only_misrouted_and_blackholed_are_reported() {
+fn only_misrouted_redirected_and_blackholed_are_reported() {
     for (upstream, reported) in [
         (Some("10.0.1.7:1"), false),
         (Some("10.0.1.8:1"), true),
@@ -501,7 +548,7 @@ fn event_reads(
         response_flags,
         ..Facts::default()
     };
-    let judgement = judge(&config(""), &mut memory(), &mut facts).expect("judged");
+    let judgement = judge(&config(PODS), &mut memory(), &mut facts).expect("judged");
     facts.reads.clear();
     judgement.to_event(&mut facts, metadata, 1, at_ns);
     facts.reads
@@ -571,5 +618,163 @@ fn metadata_cache_is_bounded() {
         metadata.intended_service(&cluster, 1, || Some("svc".into()));
         metadata.upstream_workload(&cluster, host, 1, || Some("w".into()));
         assert!(metadata.len() <= 8, "{} entries", metadata.len());
+    }
+}
+
+/// An ExternalName Service aliasing a headless Service: the catch-all's DNS
+/// name resolves to pod IPs, so the cluster's upstream hosts are pods. A pod
+/// dialed directly and sent to another pod of that set is misrouted every
+/// time, though the dialed pod was seen as an upstream of the cluster.
+#[test]
+fn a_pod_ip_sent_elsewhere_is_misrouted_whatever_was_learned() {
+    let mut upstreams = memory();
+    let cluster = "outbound|5701||peers-ext.app.svc.cluster.local";
+    let pods = ["10.0.1.7:5701", "10.0.1.8:5701", "10.0.1.9:5701"];
+    for v6 in [false, true] {
+        let pods: Vec<String> = pods
+            .iter()
+            .map(|p| {
+                if v6 {
+                    let last = &p[7..8];
+                    format!("[fd00:10::{last}]:5701")
+                } else {
+                    (*p).to_owned()
+                }
+            })
+            .collect();
+        for round in 0..3 {
+            for (i, dialed) in pods.iter().enumerate() {
+                let reached = &pods[(i + 1 + round % 2) % pods.len()];
+                let mut facts = Facts {
+                    dst: Some(Box::leak(dialed.clone().into_boxed_str())),
+                    upstream: Some(Box::leak(reached.clone().into_boxed_str())),
+                    cluster: Some(cluster),
+                    ..Facts::default()
+                };
+                let judgement = judge(&config(PODS), &mut upstreams, &mut facts).expect("judged");
+                assert_eq!(
+                    judgement.verdict,
+                    Verdict::Misrouted,
+                    "round {round}: {dialed} -> {reached}"
+                );
+                assert!(judgement.would_close());
+            }
+        }
+    }
+}
+
+/// DNS load balancing: the application resolved a name with several A
+/// records and dialed one; the ServiceEntry's STRICT_DNS cluster picked
+/// another. Never MISROUTED, from the first connection, with or without pod
+/// ranges; with them, known addresses of the name become RESOLVED.
+#[test]
+fn dns_load_balancing_is_never_misrouted() {
+    let cluster = "outbound|443||api.example.com";
+    let records = ["203.0.113.10:443", "203.0.113.11:443", "203.0.113.12:443"];
+    let records6 = ["[2001:db8::10]:443", "[2001:db8::11]:443", "[2001:db8::12]:443"];
+    for pods in [PODS, ""] {
+        for records in [records, records6] {
+            // The application dials the first record, or rotates over them
+            // as resolvers do; Envoy round-robins over all of them.
+            for rotates in [false, true] {
+                let mut upstreams = memory();
+                let mut verdicts = Vec::new();
+                for n in 0..20 {
+                    let dialed = if rotates { records[n % 3] } else { records[0] };
+                    let mut facts = Facts {
+                        dst: Some(dialed),
+                        upstream: Some(records[(n * 2) % 3]),
+                        cluster: Some(cluster),
+                        ..Facts::default()
+                    };
+                    let judgement =
+                        judge(&config(pods), &mut upstreams, &mut facts).expect("judged");
+                    assert!(!judgement.would_close());
+                    verdicts.push(judgement.verdict);
+                }
+                assert!(
+                    !verdicts.contains(&Verdict::Misrouted),
+                    "{pods:?}: {verdicts:?}"
+                );
+                if pods.is_empty() {
+                    // Without pod ranges the filter cannot tell external from
+                    // pod: every difference goes to the collector to decide.
+                    assert!(
+                        verdicts
+                            .iter()
+                            .all(|v| matches!(v, Verdict::Match | Verdict::Redirected)),
+                        "{verdicts:?}"
+                    );
+                } else if rotates {
+                    // Once a record has been reached through the cluster,
+                    // dialing it and landing elsewhere is DNS, not capture.
+                    let later = verdicts.get(6..).unwrap_or_default();
+                    assert!(
+                        later
+                            .iter()
+                            .all(|v| matches!(v, Verdict::Match | Verdict::Resolved)),
+                        "{verdicts:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn an_open_connection_is_judged_once_its_upstream_is_chosen() {
+    let open = |facts: &mut Facts| {
+        dialguard_filter_core::judge(&config(PODS), &mut memory(), facts, JudgePoint::Open)
+    };
+    // Still connecting: no verdict yet, and nothing read past the upstream.
+    let mut connecting = Facts {
+        dst: Some("10.0.1.7:5701"),
+        ..Facts::default()
+    };
+    assert_eq!(open(&mut connecting), Outcome::NotYet);
+    assert_eq!(connecting.reads, ["destination", "upstream"]);
+    // A VIP needs no upstream.
+    let mut vip = Facts {
+        dst: Some("10.96.0.10:53"),
+        ..Facts::default()
+    };
+    assert!(matches!(open(&mut vip), Outcome::Judged(j) if j.verdict == Verdict::Service));
+    // Connected elsewhere: misrouted while open.
+    let mut captured = Facts {
+        dst: Some("10.0.1.7:5701"),
+        upstream: Some("10.0.1.9:5701"),
+        cluster: Some("outbound|5701||app-ext.app.svc.cluster.local"),
+        ..Facts::default()
+    };
+    assert!(matches!(open(&mut captured), Outcome::Judged(j) if j.verdict == Verdict::Misrouted));
+    // At the end, no upstream means blackholed.
+    let mut blackholed = Facts {
+        dst: Some("10.0.1.7:5701"),
+        cluster: Some("BlackHoleCluster"),
+        ..Facts::default()
+    };
+    assert_eq!(
+        judge(&config(PODS), &mut memory(), &mut blackholed).map(|j| j.verdict),
+        Some(Verdict::Blackholed)
+    );
+}
+
+#[test]
+fn only_a_certain_misroute_would_be_closed() {
+    for (pods, dst, upstream, cluster, close) in [
+        (PODS, "10.0.1.7:5701", Some("10.0.1.9:5701"), "c", true),
+        (PODS, "203.0.113.10:443", Some("203.0.113.11:443"), "c", false),
+        ("", "10.0.1.7:5701", Some("10.0.1.9:5701"), "c", false),
+        (PODS, "10.0.1.7:5701", None, "BlackHoleCluster", false),
+        (PODS, "10.96.0.1:443", Some("10.0.0.5:6443"), "c", false),
+    ] {
+        let mut facts = Facts {
+            dst: Some(dst),
+            upstream,
+            cluster: Some(cluster),
+            ..Facts::default()
+        };
+        let judgement = judge(&config(pods), &mut memory(), &mut facts).expect("judged");
+        assert_eq!(judgement.would_close(), close, "{pods:?} {dst} -> {upstream:?}");
     }
 }

@@ -36,6 +36,7 @@ unsafe extern "C" {
         return_buffer_size: *mut usize,
     ) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
     #[cfg(feature = "enforce")]
     fn proxy_close_stream(stream_type: u32) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
@@ -153,6 +154,14 @@ pub fn close_connection() {
     // SAFETY: plain values; acts on the current (effective) context.
     let _ = unsafe { proxy_close_stream(DOWNSTREAM) };
     let _ = unsafe { proxy_close_stream(UPSTREAM) };
+}
+
+/// Makes later hostcalls act on context `context_id` (a connection, from
+/// the root's timer; the root's own id switches back). Fails when the
+/// context no longer exists.
+pub fn set_effective_context(context_id: u32) -> Result<(), Status> {
+    // SAFETY: plain value.
+    check(unsafe { proxy_set_effective_context(context_id) })
 }
 
 pub fn set_tick_period_ms(period: u32) -> Result<(), Status> {

@@ -1,25 +1,40 @@
-//! One connection, judged once: when it ends (`proxy_on_log`, the one
-//! callback that also sees connections whose upstream failed or never sent a
-//! byte) or, in enforce mode, at its first data in either direction, when
-//! the upstream is known and nothing has passed yet.
+//! One connection, judged and counted once: on the root's timer while it is
+//! open, as soon as Envoy has chosen its upstream ([`JudgePoint::Open`]), or
+//! at its end (`proxy_on_log`, which also sees connections whose upstream
+//! failed or never existed) if it ended first. In enforce mode its first
+//! data in either direction is a third chance, so no byte passes unjudged.
 
-use dialguard_filter_core::{Mode, Verdict, judge};
+use dialguard_filter_core::{JudgePoint, Mode, Outcome, judge};
 
 use crate::host::{EnvoyConnection, now_unix_nanos};
 use crate::metrics;
 use crate::root::Root;
 
-/// Judges, counts and records the connection; returns whether enforce mode
-/// wants it closed (the caller closes it).
-pub fn judge_and_record(root: &mut Root, enforce_now: bool) -> bool {
-    let mut facts = EnvoyConnection;
-    let Some(judgement) = judge(&root.config, &mut root.upstreams, &mut facts) else {
-        metrics::add(root.metrics.unjudged, 1);
-        return false;
+/// What judging did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Judged {
+    /// Open, upstream not chosen yet: ask again later.
+    NotYet,
+    /// Judged and counted; `close` when enforce mode wants it closed (the
+    /// caller closes it).
+    Done { close: bool },
+}
+
+/// Judges, counts and records the connection whose context is current.
+pub fn judge_and_record(root: &mut Root, at: JudgePoint) -> Judged {
+    let mut facts = EnvoyConnection::default();
+    let judgement = match judge(&root.config, &mut root.upstreams, &mut facts, at) {
+        Outcome::NotYet => return Judged::NotYet,
+        Outcome::Unjudged => {
+            metrics::add(root.metrics.unjudged, 1);
+            return Judged::Done { close: false };
+        }
+        Outcome::Judged(judgement) => judgement,
     };
     metrics::add(root.metrics.verdict(judgement.verdict), 1);
+    // At the end there is nothing left to close.
     let enforced =
-        enforce_now && root.config.mode == Mode::Enforce && judgement.verdict == Verdict::Misrouted;
+        at == JudgePoint::Open && root.config.mode == Mode::Enforce && judgement.would_close();
     if judgement.is_reported() {
         let dropped_before = root.outbox.dropped_total();
         let now = now_unix_nanos();
@@ -27,6 +42,7 @@ pub fn judge_and_record(root: &mut Root, enforce_now: bool) -> bool {
         root.outbox.push_with(|seq| {
             let mut event = judgement.to_event(&mut facts, metadata, seq, now);
             event.enforced = enforced;
+            event.judged_open = at == JudgePoint::Open;
             event
         });
         metrics::add(
@@ -37,9 +53,5 @@ pub fn judge_and_record(root: &mut Root, enforce_now: bool) -> bool {
     if enforced {
         metrics::add(root.metrics.enforced, 1);
     }
-    enforced
-}
-
-pub fn on_log(root: &mut Root) {
-    judge_and_record(root, false);
+    Judged::Done { close: enforced }
 }

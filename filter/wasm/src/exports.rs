@@ -1,49 +1,57 @@
 //! The callbacks this module exports to Envoy, and nothing else: per
-//! connection Envoy calls only `proxy_on_context_create` and `proxy_on_log`.
-//! Each forwards to [`crate::root`] or [`crate::connection`].
+//! connection Envoy calls only `proxy_on_context_create` and `proxy_on_log`
+//! (plus, in the enforce build, the data callbacks). Each forwards to
+//! [`crate::root`] or [`crate::connection`].
 //!
-//! A VM holds one root context per distinct filter configuration. With one
-//! root (the usual case) connections need no bookkeeping; with several, the
-//! connection's root is remembered from its creation until its `on_log`.
+//! Connections are judged while open: each new connection waits in
+//! `pending` until the root's timer finds its upstream chosen (the timer
+//! makes the connection the effective context to read its properties), and
+//! then in `judged` until its end, so it is counted once. A connection that
+//! ends first is judged in `on_log`. Long-lived connections thus cost
+//! nothing per data chunk, and a misroute is reported while it is open.
 #![allow(unsafe_code)] // exported callbacks are `no_mangle` functions
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::HashSet;
 
-use crate::connection;
+use dialguard_filter_core::JudgePoint;
+
+use crate::connection::{self, Judged};
 use crate::root::Root;
 
-/// Connections awaiting their `on_log` while several roots exist; beyond this
-/// the map is cleared (those connections go unjudged) to bound memory.
+/// Most connections tracked in `pending`, and in `judged`; beyond it a new
+/// connection is judged at its end only, and open ones wait there (bounded
+/// memory, nothing counted twice).
 const MAX_TRACKED_CONNECTIONS: usize = 65_536;
 
 #[derive(Default)]
 struct Vm {
     /// Root context id, and its state once configured.
     roots: Vec<(u32, Option<Root>)>,
-    /// Connection context id → root context id, only while several roots exist.
-    connections: HashMap<u32, u32>,
-    /// Connections already judged at their first data (enforce mode).
-    #[cfg(feature = "enforce")]
-    judged: std::collections::HashSet<u32>,
+    /// Connections not judged yet: (context id, root id), in creation order,
+    /// so sorted by id (Envoy's context ids only grow).
+    pending: Vec<(u32, u32)>,
+    /// Connections judged while open, awaiting their end.
+    judged: HashSet<u32>,
 }
 
 impl Vm {
-    /// The root a connection belongs to; `forget` ends the tracking.
-    fn root_id_of(&mut self, context_id: u32, forget: bool) -> Option<u32> {
-        match self.roots.as_slice() {
-            [(id, _)] => Some(*id),
-            _ if forget => self.connections.remove(&context_id),
-            _ => self.connections.get(&context_id).copied(),
-        }
+    fn root(&mut self, root_id: u32) -> Option<&mut Root> {
+        find_root(&mut self.roots, root_id)
     }
 
-    fn root(&mut self, root_id: u32) -> Option<&mut Root> {
-        self.roots
-            .iter_mut()
-            .find(|(id, _)| *id == root_id)
-            .and_then(|(_, root)| root.as_mut())
+    fn pending_index(&self, context_id: u32) -> Option<usize> {
+        self.pending
+            .binary_search_by_key(&context_id, |(id, _)| *id)
+            .ok()
     }
+}
+
+fn find_root(roots: &mut [(u32, Option<Root>)], root_id: u32) -> Option<&mut Root> {
+    roots
+        .iter_mut()
+        .find(|(id, _)| *id == root_id)
+        .and_then(|(_, root)| root.as_mut())
 }
 
 thread_local! {
@@ -77,11 +85,8 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, parent_id: u32) {
         };
         if parent_id == 0 {
             vm.roots.push((context_id, None));
-        } else if vm.roots.len() > 1 {
-            if vm.connections.len() >= MAX_TRACKED_CONNECTIONS {
-                vm.connections.clear();
-            }
-            vm.connections.insert(context_id, parent_id);
+        } else if vm.pending.len() < MAX_TRACKED_CONNECTIONS {
+            vm.pending.push((context_id, parent_id));
         }
     });
 }
@@ -108,10 +113,58 @@ pub extern "C" fn proxy_on_configure(root_id: u32, _configuration_size: usize) -
     })
 }
 
+/// The root's timer: judge its open connections whose upstream is now
+/// chosen, then flush when due.
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_tick(root_id: u32) {
-    with_root(root_id, Root::on_tick);
+    VM.with(|vm| {
+        let Ok(mut vm) = vm.try_borrow_mut() else {
+            return;
+        };
+        let Vm {
+            roots,
+            pending,
+            judged,
+        } = &mut *vm;
+        let Some(root) = find_root(roots, root_id) else {
+            return;
+        };
+        let mut switched = false;
+        pending.retain(|&(context_id, owner)| {
+            if owner != root_id || judged.len() >= MAX_TRACKED_CONNECTIONS {
+                return true;
+            }
+            if crate::abi::set_effective_context(context_id).is_err() {
+                return false; // gone without an on_log: nothing to judge
+            }
+            switched = true;
+            match connection::judge_and_record(root, JudgePoint::Open) {
+                Judged::NotYet => true,
+                Judged::Done { close } => {
+                    if close {
+                        close_current_connection();
+                    }
+                    judged.insert(context_id);
+                    false
+                }
+            }
+        });
+        if switched {
+            // The flush's gRPC calls must act for the root again.
+            let _ = crate::abi::set_effective_context(root_id);
+        }
+        root.on_tick();
+    });
 }
+
+#[cfg(feature = "enforce")]
+fn close_current_connection() {
+    crate::abi::close_connection();
+}
+
+/// The audit build never closes (it refuses `mode: enforce`).
+#[cfg(not(feature = "enforce"))]
+fn close_current_connection() {}
 
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_log(context_id: u32) {
@@ -119,15 +172,19 @@ pub extern "C" fn proxy_on_log(context_id: u32) {
         let Ok(mut vm) = vm.try_borrow_mut() else {
             return;
         };
-        let Some(root_id) = vm.root_id_of(context_id, true) else {
-            return;
+        let root_id = if let Some(index) = vm.pending_index(context_id) {
+            vm.pending.remove(index).1
+        } else if vm.judged.remove(&context_id) {
+            return; // judged while open; counted once
+        } else {
+            // Not tracked (beyond the bound): judged now if its root is clear.
+            match vm.roots.as_slice() {
+                [(id, _)] => *id,
+                _ => return,
+            }
         };
-        #[cfg(feature = "enforce")]
-        if vm.judged.remove(&context_id) {
-            return;
-        }
         if let Some(root) = vm.root(root_id) {
-            connection::on_log(root);
+            connection::judge_and_record(root, JudgePoint::End);
         }
     });
 }
@@ -154,8 +211,9 @@ pub extern "C" fn proxy_on_done(context_id: u32) -> u32 {
     1
 }
 
-/// Enforce mode: the first data in either direction decides; a misrouted
-/// connection is closed on both sides and the data held back.
+/// Enforce mode: the first data in either direction decides if the timer
+/// has not yet; a misrouted connection is closed on both sides and the data
+/// held back.
 #[cfg(feature = "enforce")]
 fn on_first_data(context_id: u32) -> u32 {
     const CONTINUE: u32 = 0;
@@ -164,25 +222,31 @@ fn on_first_data(context_id: u32) -> u32 {
         let Ok(mut vm) = vm.try_borrow_mut() else {
             return CONTINUE;
         };
-        if vm.judged.contains(&context_id) {
-            return CONTINUE;
+        if vm.judged.len() >= MAX_TRACKED_CONNECTIONS {
+            return CONTINUE; // judged at its end
         }
-        let Some(root) = vm.root_id_of(context_id, false).and_then(|id| vm.root(id)) else {
+        let Some(index) = vm.pending_index(context_id) else {
+            return CONTINUE; // already judged, or not tracked
+        };
+        let root_id = vm.pending.get(index).map_or(0, |(_, root)| *root);
+        let Some(root) = vm.root(root_id) else {
             return CONTINUE;
         };
         if root.config.mode != dialguard_filter_core::Mode::Enforce {
-            return CONTINUE; // audit configuration: judged in on_log
+            return CONTINUE; // audit configuration: judged on the timer
         }
-        let close = connection::judge_and_record(root, true);
-        if vm.judged.len() >= MAX_TRACKED_CONNECTIONS {
-            vm.judged.clear();
-        }
-        vm.judged.insert(context_id);
-        if close {
-            crate::abi::close_connection();
-            PAUSE
-        } else {
-            CONTINUE
+        match connection::judge_and_record(root, JudgePoint::Open) {
+            Judged::NotYet => CONTINUE,
+            Judged::Done { close } => {
+                vm.pending.remove(index);
+                vm.judged.insert(context_id);
+                if close {
+                    crate::abi::close_connection();
+                    PAUSE
+                } else {
+                    CONTINUE
+                }
+            }
         }
     })
 }

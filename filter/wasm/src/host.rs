@@ -42,16 +42,22 @@ fn address_property(path: &[u8]) -> Option<SocketAddr> {
     parse_envoy_address(&property(path)?).ok()
 }
 
-/// The connection whose callback is running.
+/// The connection whose callback is running (or the root's effective
+/// context). The upstream host is read at most once: judging on the timer
+/// asks for it first, to skip connections still connecting.
 #[derive(Debug, Default)]
-pub struct EnvoyConnection;
+pub struct EnvoyConnection {
+    upstream: Option<Option<UpstreamHost>>,
+}
 
 impl ConnectionFacts for EnvoyConnection {
     fn original_destination(&mut self) -> Option<OrigDst> {
         address_property(DESTINATION).map(OrigDst)
     }
     fn upstream_host(&mut self) -> Option<UpstreamHost> {
-        address_property(UPSTREAM).map(UpstreamHost)
+        *self
+            .upstream
+            .get_or_insert_with(|| address_property(UPSTREAM).map(UpstreamHost))
     }
     fn cluster_name(&mut self) -> Option<String> {
         string_property(CLUSTER)

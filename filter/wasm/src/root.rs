@@ -15,6 +15,10 @@ use crate::metrics::Metrics;
 const UPSTREAM_MEMORY_ENTRIES: usize = 4096;
 /// Clusters and (cluster, host) pairs whose metadata each root reuses.
 const METADATA_ENTRIES: usize = 1024;
+/// Open connections are judged on the root's timer at least this often, so
+/// a misroute is reported well within a second of its connect even when
+/// events are flushed less often.
+const MAX_JUDGE_PERIOD_MS: u64 = 200;
 
 /// A configured root. A root whose configuration was refused never becomes one.
 #[derive(Debug)]
@@ -25,6 +29,9 @@ pub struct Root {
     pub metadata: MetadataCache,
     pub metrics: Metrics,
     pub delivery: Delivery,
+    /// Timer ticks per flush of the outbox (the tick also judges open connections).
+    ticks_per_flush: u64,
+    ticks: u64,
 }
 
 impl Root {
@@ -48,20 +55,27 @@ impl Root {
             return None;
         }
         let hello = hello(&mut EnvoyNode, vm_instance(), &config);
-        let period = u32::try_from(config.collector.flush_interval_ms).unwrap_or(u32::MAX);
-        let _ = abi::set_tick_period_ms(period);
+        let flush_ms = config.collector.flush_interval_ms;
+        let tick_ms = flush_ms.min(MAX_JUDGE_PERIOD_MS);
+        let _ = abi::set_tick_period_ms(u32::try_from(tick_ms).unwrap_or(u32::MAX));
         Some(Self {
             outbox: Outbox::new(OutboxLimits::from(&config.collector)),
             upstreams: UpstreamMemory::new(UPSTREAM_MEMORY_ENTRIES),
             metadata: MetadataCache::new(METADATA_ENTRIES),
             metrics: Metrics::define(),
             delivery: Delivery::new(&config.collector, hello),
+            ticks_per_flush: flush_ms.div_ceil(tick_ms.max(1)).max(1),
+            ticks: 0,
             config,
         })
     }
 
+    /// The root's timer, after the open connections were judged.
     pub fn on_tick(&mut self) {
-        self.delivery.flush(&mut self.outbox, &self.metrics);
+        self.ticks += 1;
+        if self.ticks % self.ticks_per_flush == 0 {
+            self.delivery.flush(&mut self.outbox, &self.metrics);
+        }
     }
 
     pub fn on_grpc_receive(&mut self, token: u32, size: usize) {
