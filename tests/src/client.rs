@@ -66,3 +66,55 @@ fn converse(mut stream: TcpStream, header: &str) -> anyhow::Result<Outcome> {
         _ => Outcome::Closed,
     })
 }
+
+/// A connection the application holds open through the sidecar, talking
+/// now and then (a Hazelcast member, a database client).
+#[derive(Debug)]
+pub struct Held {
+    stream: TcpStream,
+    /// The first line the server sent: who answered.
+    pub greeting: String,
+}
+
+impl Held {
+    /// Dials `dialed` from `source` through `outbound` with a PROXY header,
+    /// as [`dial`] does, and reads the greeting.
+    pub fn open(outbound: SocketAddr, source: IpAddr, dialed: SocketAddr) -> anyhow::Result<Self> {
+        let mut stream = connect(outbound)?;
+        let family = if dialed.is_ipv4() { "TCP4" } else { "TCP6" };
+        let local = stream.local_addr()?.port();
+        write!(
+            stream,
+            "PROXY {family} {source} {} {local} {}\r\nhello from the application\n",
+            dialed.ip(),
+            dialed.port()
+        )?;
+        let mut greeting = String::new();
+        BufReader::new(&stream).read_line(&mut greeting)?;
+        Ok(Self {
+            stream,
+            greeting: greeting.trim().to_owned(),
+        })
+    }
+
+    /// Sends a few bytes.
+    pub fn ping(&mut self) -> anyhow::Result<()> {
+        self.stream.write_all(b"ping\n")?;
+        Ok(())
+    }
+
+    /// Still open: reading finds nothing to read rather than the end.
+    pub fn is_open(&self) -> bool {
+        use std::io::Read;
+        let _ = self.stream.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut byte = [0u8; 1];
+        match (&self.stream).read(&mut byte) {
+            Ok(0) => false,
+            Ok(_) => true,
+            Err(err) => matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
+    }
+}

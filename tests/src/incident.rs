@@ -5,13 +5,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use anyhow::Context;
 use tempfile::TempDir;
 
 use crate::client::{self, Outcome};
 use crate::collector::Collector;
 use crate::dist::Dist;
 use crate::pods::PodServer;
-use crate::sidecar::{self, Envoy, Install, Layout};
+use crate::sidecar::{self, DynamicListeners, Envoy, Install, Layout};
 
 /// How the manager application's connections reach its sidecar, and how
 /// the test reaches the sidecar's admin endpoint.
@@ -83,6 +84,38 @@ impl Incident {
         })
     }
 
+    /// Starts everything with the sidecar's listeners served over file-based
+    /// LDS, so that [`Incident::reconfigure`] can push a new dialguard
+    /// configuration while traffic flows.
+    pub fn start_dynamic(
+        dist: &Dist,
+        echo: bool,
+        install: impl FnOnce(&Collector) -> anyhow::Result<Install>,
+    ) -> anyhow::Result<(Self, DynamicListeners)> {
+        let mut lds = None;
+        let incident = Self::start_configured(dist, false, echo, install, |bootstrap, dir| {
+            lds = Some(DynamicListeners::install(bootstrap, dir)?);
+            Ok(())
+        })?;
+        Ok((incident, lds.context("listeners were not made dynamic")?))
+    }
+
+    /// Pushes the sidecar's listeners with dialguard installed as `install`
+    /// and waits until Envoy has applied them.
+    pub fn reconfigure(&self, lds: &mut DynamicListeners, install: &Install) -> anyhow::Result<()> {
+        let bootstrap = sidecar::bootstrap(&self.layout, install, &self.envoy.access_log);
+        let applied = |admin: &Self| -> Option<u64> {
+            let stats = sidecar::stats(admin.envoy.admin, "listener_manager.lds.update_success").ok()?;
+            stats.values().next().copied()
+        };
+        let before = applied(self).unwrap_or(0);
+        lds.push(&bootstrap["static_resources"]["listeners"])?;
+        crate::wait_for(std::time::Duration::from_secs(20), || {
+            (applied(self)? > before).then_some(())
+        })
+        .with_context(|| format!("Envoy did not apply listeners version {}", lds.version()))
+    }
+
     /// Starts everything, with dialguard installed in the sidecar as `install`
     /// decides once the collector runs (with `serve_module`, it serves the
     /// module too).
@@ -91,6 +124,16 @@ impl Incident {
         serve_module: bool,
         echo: bool,
         install: impl FnOnce(&Collector) -> anyhow::Result<Install>,
+    ) -> anyhow::Result<Self> {
+        Self::start_configured(dist, serve_module, echo, install, |_, _| Ok(()))
+    }
+
+    fn start_configured(
+        dist: &Dist,
+        serve_module: bool,
+        echo: bool,
+        install: impl FnOnce(&Collector) -> anyhow::Result<Install>,
+        adjust: impl FnOnce(&mut serde_json::Value, &std::path::Path) -> anyhow::Result<()>,
     ) -> anyhow::Result<Self> {
         // DIALGUARD_TEST_ECHO=1 shows every child's log, for debugging a test.
         let echo = echo || std::env::var_os("DIALGUARD_TEST_ECHO").is_some();
@@ -109,7 +152,8 @@ impl Incident {
             .map(|(name, addr)| PodServer::start(name, *addr))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let access_log = dir.path().join("access.log");
-        let bootstrap = sidecar::bootstrap(&layout, &install(&collector)?, &access_log);
+        let mut bootstrap = sidecar::bootstrap(&layout, &install(&collector)?, &access_log);
+        adjust(&mut bootstrap, dir.path())?;
         let envoy = Envoy::start(&dist.envoy, echo, &bootstrap, dir.path(), access_log)?;
         Ok(Self {
             layout,

@@ -581,6 +581,66 @@ pub fn pod_identity(_layout: &Layout) -> &'static str {
     "manager-7948c8d9f-sh7rx"
 }
 
+/// The sidecar's listeners served from a file (file-based LDS) instead of
+/// the bootstrap, so a test can push a new listener configuration the way
+/// istiod does: Envoy updates changed filter chains in place and drains the
+/// old ones.
+#[derive(Debug)]
+pub struct DynamicListeners {
+    path: PathBuf,
+    version: u64,
+    /// `virtualOutbound`'s port, fixed so that every version binds the same.
+    outbound_port: u16,
+}
+
+impl DynamicListeners {
+    /// Moves `bootstrap`'s listeners into `dir/lds.json` and points
+    /// `dynamic_resources.lds_config` at it.
+    pub fn install(bootstrap: &mut Value, dir: &Path) -> anyhow::Result<Self> {
+        let probe = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let outbound_port = probe.local_addr()?.port();
+        drop(probe);
+        let mut lds = Self {
+            path: dir.join("lds.json"),
+            version: 0,
+            outbound_port,
+        };
+        let listeners = bootstrap["static_resources"]
+            .as_object_mut()
+            .and_then(|r| r.remove("listeners"))
+            .context("bootstrap without static listeners")?;
+        lds.push(&listeners)?;
+        bootstrap["dynamic_resources"] = json!({ "lds_config": {
+            "resource_api_version": "V3",
+            "path_config_source": { "path": lds.path, "watched_directory": { "path": dir } },
+        }});
+        Ok(lds)
+    }
+
+    /// Serves `listeners` as the next version (written aside, then renamed
+    /// over the watched file, so Envoy never reads half a file).
+    pub fn push(&mut self, listeners: &Value) -> anyhow::Result<()> {
+        self.version += 1;
+        let mut listeners = listeners.as_array().context("listeners array")?.clone();
+        for listener in &mut listeners {
+            if listener["name"] == "virtualOutbound" {
+                listener["address"]["socket_address"]["port_value"] = json!(self.outbound_port);
+            }
+            listener["@type"] = json!("type.googleapis.com/envoy.config.listener.v3.Listener");
+        }
+        let response = json!({ "version_info": self.version.to_string(), "resources": listeners });
+        let staged = self.path.with_extension("next");
+        std::fs::write(&staged, serde_json::to_vec_pretty(&response)?)?;
+        std::fs::rename(&staged, &self.path)?;
+        Ok(())
+    }
+
+    /// The versions pushed so far.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+}
+
 /// A running Envoy with its admin endpoint.
 #[derive(Debug)]
 pub struct Envoy {

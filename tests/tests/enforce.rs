@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use dialguard_tests::client::Outcome;
+use dialguard_tests::client::{Held, Outcome};
 use dialguard_tests::dist::Dist;
 use dialguard_tests::incident::Incident;
 use dialguard_tests::pods::{PodServer, Protocol};
@@ -114,4 +114,73 @@ fn client_first_bytes_never_reach_the_wrong_server() -> anyhow::Result<()> {
         Protocol::ClientFirst,
     )?);
     assert_enforced(&incident)
+}
+
+/// The kill switch: a namespace goes back to audit with one rollout that
+/// changes only the filter configuration (the enforce module runs audit
+/// too), pushed while traffic flows. The switch itself drops nothing: no
+/// legitimate connection fails, a long-lived one stays open, and afterwards
+/// misroutes are reported, not closed.
+#[test]
+fn back_to_audit_with_the_same_module_drops_no_connection() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let dist = Dist::locate()?;
+    let install = |mode: &str, collector: SocketAddr| {
+        let mut config = sidecar::filter_config();
+        config["mode"] = mode.into();
+        Install::local(&dist.module_enforce, &config, collector)
+    };
+    let (incident, mut lds) =
+        Incident::start_dynamic(&dist, false, |c| Ok(install("enforce", c.grpc)))?;
+    let l = incident.layout.clone();
+    let peer = l.at(l.peer_pod);
+    let passthrough = SocketAddr::new(l.app_pods[0].into(), l.passthrough_port);
+    ensure!(incident.dial(peer)? == Outcome::Closed, "enforce closes the misroute");
+
+    let mut held = Held::open(incident.envoy.outbound, l.own_pod.into(), passthrough)?;
+    ensure!(held.greeting.starts_with("app-0"), "{}", held.greeting);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (reached, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let traffic = {
+        let (stop, reached, failed) = (stop.clone(), reached.clone(), failed.clone());
+        let (outbound, own) = (incident.envoy.outbound, l.own_pod);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match dialguard_tests::client::dial(outbound, own.into(), passthrough) {
+                    Ok(Outcome::Reached(_)) => reached.fetch_add(1, Ordering::SeqCst),
+                    _ => failed.fetch_add(1, Ordering::SeqCst),
+                };
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    incident.reconfigure(&mut lds, &install("audit", incident.collector.grpc))?;
+    held.ping()?;
+    // New connections take the new chains at once.
+    let answered = wait_for(Duration::from_secs(5), || {
+        matches!(incident.dial(peer).ok()?, Outcome::Reached(name) if name == "idle").then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let _ = traffic.join();
+    answered.context("after the switch to audit the misroute still does not get through")?;
+    let (reached, failed) = (reached.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    ensure!(failed == 0 && reached > 10, "{failed} legitimate connections failed, {reached} passed");
+    held.ping()?;
+    ensure!(held.is_open(), "the long-lived connection was dropped by the switch");
+
+    let row = wait_for(Duration::from_secs(20), || {
+        let report = incident.collector.report().ok()?;
+        report
+            .rows
+            .into_iter()
+            .find(|r| r.verdict == "misrouted" && r.count >= 2)
+    })
+    .context("the misroutes before and after the switch were not reported")?;
+    ensure!(row.enforced == 1, "one closed in enforce: {row:#?}");
+    ensure!(row.would_close == row.count, "each would be closed: {row:#?}");
+    Ok(())
 }

@@ -6,13 +6,12 @@
 //! connections enforce mode closes.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use dialguard_collector::report::Report;
-use dialguard_tests::client::Outcome;
+use dialguard_tests::client::{Held, Outcome};
 use dialguard_tests::dist::Dist;
 use dialguard_tests::incident::Incident;
 use dialguard_tests::pods::PodServer;
@@ -273,37 +272,6 @@ fn headless_misroutes_are_all_reported_and_audit_previews_enforce() -> anyhow::R
     )?;
     ensure!(u64::try_from(stored)? == closed);
     Ok(())
-}
-
-/// A connection held open, exchanging a few bytes every 200 ms.
-struct Held {
-    stream: TcpStream,
-    greeting: String,
-}
-
-impl Held {
-    fn open(outbound: SocketAddr, source: IpAddr, dialed: SocketAddr) -> anyhow::Result<Self> {
-        let mut stream = TcpStream::connect_timeout(&outbound, Duration::from_secs(5))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let local = stream.local_addr()?.port();
-        write!(
-            stream,
-            "PROXY TCP4 {source} {} {local} {}\r\nhello from the application\n",
-            dialed.ip(),
-            dialed.port()
-        )?;
-        let mut greeting = String::new();
-        BufReader::new(&stream).read_line(&mut greeting)?;
-        Ok(Self {
-            stream,
-            greeting: greeting.trim().to_owned(),
-        })
-    }
-
-    fn ping(&mut self) -> anyhow::Result<()> {
-        self.stream.write_all(b"ping\n")?;
-        Ok(())
-    }
 }
 
 /// The misroute that matters most is the one that works: a long-lived
