@@ -103,7 +103,19 @@ impl Incident {
     /// Pushes the sidecar's listeners with dialguard installed as `install`
     /// and waits until Envoy has applied them.
     pub fn reconfigure(&self, lds: &mut DynamicListeners, install: &Install) -> anyhow::Result<()> {
-        let bootstrap = sidecar::bootstrap(&self.layout, install, &self.envoy.access_log);
+        self.reconfigure_with(lds, install, |_| {})
+    }
+
+    /// [`Incident::reconfigure`], with the listeners changed by `change`
+    /// first (e.g. istiod's `REGISTRY_ONLY` passthrough chain).
+    pub fn reconfigure_with(
+        &self,
+        lds: &mut DynamicListeners,
+        install: &Install,
+        change: impl FnOnce(&mut serde_json::Value),
+    ) -> anyhow::Result<()> {
+        let mut bootstrap = sidecar::bootstrap(&self.layout, install, &self.envoy.access_log);
+        change(&mut bootstrap["static_resources"]["listeners"]);
         let applied = |admin: &Self| -> Option<u64> {
             let stats = sidecar::stats(admin.envoy.admin, "listener_manager.lds.update_success").ok()?;
             stats.values().next().copied()

@@ -329,3 +329,100 @@ fn a_long_lived_misroute_is_alerted_while_open() -> anyhow::Result<()> {
     ensure!(alert["upstreamHost"] == l.at(l.idle_pod).to_string(), "{alert}");
     Ok(())
 }
+
+/// `outboundTrafficPolicy: REGISTRY_ONLY`: istiod points the passthrough
+/// chain `virtualOutbound-catchall-tcp` at `BlackHoleCluster`.
+fn registry_only(listeners: &mut Value) {
+    for listener in listeners.as_array_mut().into_iter().flatten() {
+        if listener["name"] != "virtualOutbound" {
+            continue;
+        }
+        for chain in listener["filter_chains"].as_array_mut().into_iter().flatten() {
+            if chain["name"] != "virtualOutbound-catchall-tcp" {
+                continue;
+            }
+            for filter in chain["filters"].as_array_mut().into_iter().flatten() {
+                if filter["name"] == "envoy.filters.network.tcp_proxy" {
+                    filter["typed_config"]["cluster"] = "BlackHoleCluster".into();
+                    filter["typed_config"]["stat_prefix"] = "BlackHoleCluster".into();
+                }
+            }
+        }
+    }
+}
+
+/// Each finding states the cause its events support, with the object to
+/// change: a catch-all capture names the ExternalName Service, a dial to
+/// the pod's own IP, DNS load balancing, and a REGISTRY_ONLY policy block
+/// (never explained as a catch-all capture, never alerted as a misroute).
+#[test]
+fn every_finding_names_its_cause() -> anyhow::Result<()> {
+    let dist = Dist::locate()?;
+    let config = sidecar::filter_config();
+    let (incident, mut lds) = Incident::start_dynamic(&dist, false, |c| {
+        Ok(Install::local(&dist.module, &config, c.grpc))
+    })?;
+    let servers = extra_servers(&incident.layout)?;
+    let l = incident.layout.clone();
+    let peer = l.at(l.peer_pod);
+    ensure!(incident.dial(peer)? == Outcome::Reached("idle".into()));
+    let own = incident.blackholed_destination();
+    ensure!(incident.dial(own)? == Outcome::Closed);
+    let balanced = dns_load_balancing(&incident, &servers)?;
+
+    incident.reconfigure_with(
+        &mut lds,
+        &Install::local(&dist.module, &config, incident.collector.grpc),
+        registry_only,
+    )?;
+    let unknown = SocketAddr::new(IpAddr::V4(l.api_records[2]), l.passthrough_port);
+    ensure!(incident.dial(unknown)? == Outcome::Closed, "REGISTRY_ONLY blocks {unknown}");
+
+    let report = wait_for(Duration::from_secs(20), || {
+        let report = incident.collector.report().ok()?;
+        (total(&report, "misrouted") == 1
+            && total(&report, "blackholed") == 2
+            && total(&report, "redirected") == balanced)
+            .then_some(report)
+    })
+    .with_context(|| format!("report: {:?}", incident.collector.report()))?;
+    let find = |dialed: SocketAddr| {
+        report
+            .rows
+            .iter()
+            .find(|r| r.original_destination == dialed.to_string())
+            .with_context(|| format!("no row for {dialed}: {:#?}", report.rows))
+    };
+    use dialguard_collector::finding::Cause;
+    let captured = find(peer)?;
+    ensure!(captured.cause == Cause::CatchAll, "{captured:#?}");
+    let culprit = captured.culprit.as_ref().context("catch-all without culprit")?;
+    ensure!(
+        (culprit.kind.as_str(), culprit.namespace.as_str(), culprit.name.as_str())
+            == ("Service", "app", "app-ext"),
+        "{culprit:#?}"
+    );
+    ensure!(culprit.inspect.contains("app-ext"), "{culprit:#?}");
+    ensure!(captured.cause_text.contains(&format!("0.0.0.0_{}", l.port)), "{captured:#?}");
+    let own_row = find(own)?;
+    ensure!(own_row.cause == Cause::OwnPodIp, "{own_row:#?}");
+    let blocked = find(unknown)?;
+    ensure!(blocked.cause == Cause::PolicyBlock, "{blocked:#?}");
+    ensure!(
+        !blocked.fix.contains("catch-all") && blocked.fix.contains("REGISTRY_ONLY"),
+        "a policy block explained as something else: {}",
+        blocked.fix
+    );
+    for row in report.rows.iter().filter(|r| r.verdict == "redirected") {
+        ensure!(row.cause == Cause::DnsRedirection, "{row:#?}");
+    }
+    // Only the catch-all capture pages anyone.
+    std::thread::sleep(Duration::from_millis(500));
+    let alerts = alert_lines(&incident);
+    ensure!(
+        alerts.len() == 1 && alerts[0]["originalDestination"] == peer.to_string(),
+        "{alerts:#?}"
+    );
+    ensure!(alerts[0]["cause"] == "catch_all", "{alerts:#?}");
+    Ok(())
+}
