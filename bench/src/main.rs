@@ -32,6 +32,9 @@ struct Cli {
     /// Skip the native memory measurement.
     #[arg(long)]
     no_memory: bool,
+    /// Data chunks of the long-lived view (0 skips it; default 2000, or 200 with --quick).
+    #[arg(long)]
+    long_lived_chunks: Option<u64>,
     /// Idle seconds after the warm-up and after the measured connections.
     #[arg(long)]
     settle_secs: Option<f64>,
@@ -67,6 +70,11 @@ fn main() -> anyhow::Result<()> {
     }
     if cli.no_memory {
         options.memory = false;
+    }
+    match cli.long_lived_chunks {
+        Some(0) => options.long_lived_chunks = None,
+        Some(n) => options.long_lived_chunks = Some(n),
+        None => {}
     }
     if let Some(secs) = cli.settle_secs {
         options.settle = Duration::try_from_secs_f64(secs).context("--settle-secs")?;

@@ -38,6 +38,9 @@ pub struct Options {
     /// that batched events and access log entries are flushed (dialguard:
     /// 200 ms; tcp_grpc: 1 s) inside the window that sent them.
     pub settle: Duration,
+    /// Data chunks of the long-lived view: one connection held open through
+    /// (1) and (3), so the per-chunk cost shows; `None` skips it.
+    pub long_lived_chunks: Option<u64>,
     /// Progress lines on stderr.
     pub progress: bool,
     /// Keep the configurations, logs and callgrind dumps in this directory
@@ -54,6 +57,7 @@ impl Options {
             variants: Variant::ALL.to_vec(),
             system_connections: Some(20_000),
             memory: true,
+            long_lived_chunks: Some(2000),
             settle: Duration::from_secs(2),
             progress: true,
             keep: None,
@@ -66,6 +70,7 @@ impl Options {
             connections: 200,
             warmup: 10,
             system_connections: Some(2000),
+            long_lived_chunks: Some(200),
             ..Self::full()
         }
     }
@@ -157,6 +162,21 @@ impl VariantResult {
     }
 }
 
+/// One connection held open through a variant: what each data chunk costs.
+#[derive(Debug, Clone, Copy)]
+pub struct LongLived {
+    pub variant: Variant,
+    pub chunks: u64,
+    /// Instructions inside Envoy while the chunks passed, all threads.
+    pub instructions: u64,
+}
+
+impl LongLived {
+    pub fn per_chunk(&self) -> f64 {
+        self.instructions as f64 / self.chunks.max(1) as f64
+    }
+}
+
 /// The native system view at a 0.1% misroute rate: dialguard's events to the
 /// collector against the access log of every connection to the sink.
 #[derive(Debug, Clone, Copy)]
@@ -182,6 +202,7 @@ pub struct Results {
     pub variants: Vec<VariantResult>,
     pub system: Option<SystemView>,
     pub memory: Option<Memory>,
+    pub long_lived: Vec<LongLived>,
 }
 
 /// Where the events and log entries go.
@@ -429,6 +450,46 @@ impl Bench<'_> {
         Ok(result)
     }
 
+    /// One passthrough connection (a `MATCH`, judged on the filter's timer
+    /// while open) through `variant` under callgrind, carrying `chunks` small
+    /// writes 1 ms apart so each is its own read in Envoy.
+    fn long_lived(&self, variant: Variant, chunks: u64) -> anyhow::Result<LongLived> {
+        let n = variant.number();
+        let name = format!("long-lived-{n}");
+        let out = self.dir.join(&name).join("callgrind.out");
+        let envoy = self.start_envoy(variant, &name, 1, Runner::Callgrind { out: out.clone() })?;
+        let result = callgrind::instrument(envoy.pid()).and_then(|()| {
+            let mut held = traffic::Held::open(
+                envoy.outbound,
+                self.topology.source(),
+                self.topology.passthrough(),
+            )?;
+            // Past the timer's first tick: the connection is judged before
+            // the window, so only the chunks are measured.
+            sleep(Duration::from_millis(500));
+            callgrind::zero(envoy.pid())?;
+            for _ in 0..chunks {
+                held.send_chunk()?;
+                sleep(Duration::from_millis(1));
+            }
+            sleep(Duration::from_millis(200));
+            let (instructions, _) = callgrind::dump(envoy.pid(), &out)?;
+            Ok(LongLived {
+                variant,
+                chunks,
+                instructions,
+            })
+        });
+        envoy.stop();
+        let result = result.with_context(|| format!("the long-lived view of ({n})"))?;
+        self.progress(&format!(
+            "({n}) long-lived: {} chunks, {} instructions per chunk",
+            chunks,
+            thousands(result.per_chunk().round() as u64)
+        ));
+        Ok(result)
+    }
+
     /// Natively, `variant` with 0.1% of connections misrouted: what reaches
     /// the receiver per connection in a steady state (stream already open).
     fn system_window(&self, variant: Variant, connections: u64) -> anyhow::Result<Reporting> {
@@ -607,6 +668,7 @@ pub fn run(parts: &Parts, options: &Options) -> anyhow::Result<Results> {
         variants: Vec::new(),
         system: None,
         memory: None,
+        long_lived: Vec::new(),
     };
     for variant in variants {
         results.variants.push(
@@ -614,6 +676,11 @@ pub fn run(parts: &Parts, options: &Options) -> anyhow::Result<Results> {
                 .measure(variant)
                 .with_context(|| format!("measuring ({}) {}", variant.number(), variant.label()))?,
         );
+    }
+    if let Some(chunks) = options.long_lived_chunks {
+        for variant in [Variant::Plain, Variant::DialguardAudit] {
+            results.long_lived.push(bench.long_lived(variant, chunks)?);
+        }
     }
     if let Some(connections) = options.system_connections {
         results.system = Some(bench.system_view(connections)?);
@@ -715,6 +782,26 @@ impl Results {
                     ));
                 }
             }
+        }
+        if let [plain, dialguard, ..] = self.long_lived.as_slice() {
+            line(String::new());
+            line(format!(
+                "long-lived connection (passthrough, judged while open), {} data chunks, instructions per chunk:",
+                thousands(plain.chunks)
+            ));
+            for l in [plain, dialguard] {
+                line(format!(
+                    "  ({}) {}: {}",
+                    l.variant.number(),
+                    l.variant.label(),
+                    thousands(l.per_chunk().round() as u64)
+                ));
+            }
+            line(format!(
+                "  dialguard per chunk: {:+.0} instructions ({:+.2}%)",
+                dialguard.per_chunk() - plain.per_chunk(),
+                (dialguard.per_chunk() / plain.per_chunk().max(1.0) - 1.0) * 100.0
+            ));
         }
         if let Some(system) = &self.system {
             line(String::new());

@@ -95,3 +95,35 @@ pub fn dial(outbound: SocketAddr, source: IpAddr, dialed: SocketAddr) -> std::io
     let _ = stream.shutdown(std::net::Shutdown::Both);
     Ok(greeting.contains(&b'\n'))
 }
+
+/// A connection held open through the sidecar, sending small chunks.
+#[derive(Debug)]
+pub struct Held {
+    stream: TcpStream,
+}
+
+impl Held {
+    /// Connects as [`dial`] does and waits for the server's greeting.
+    pub fn open(outbound: SocketAddr, source: IpAddr, dialed: SocketAddr) -> anyhow::Result<Self> {
+        let mut stream = TcpStream::connect_timeout(&outbound, Duration::from_secs(5))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let source_port = stream.local_addr()?.port();
+        write!(
+            stream,
+            "PROXY TCP4 {source} {} {source_port} {}\r\nhello from the application\n",
+            dialed.ip(),
+            dialed.port()
+        )?;
+        let mut buf = [0u8; 256];
+        let n = stream.read(&mut buf)?;
+        anyhow::ensure!(n > 0, "no greeting from {dialed}");
+        Ok(Self { stream })
+    }
+
+    /// 64 bytes to the server.
+    pub fn send_chunk(&mut self) -> anyhow::Result<()> {
+        self.stream.write_all(&[b'x'; 64])?;
+        Ok(())
+    }
+}

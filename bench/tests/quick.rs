@@ -20,6 +20,7 @@ fn quick_benchmark_measures_inside_envoy() -> anyhow::Result<()> {
         ],
         system_connections: None,
         memory: false,
+        long_lived_chunks: Some(50),
         settle: Duration::from_secs(1),
         progress: true,
         keep: None,
@@ -56,5 +57,10 @@ fn quick_benchmark_measures_inside_envoy() -> anyhow::Result<()> {
         "every misrouted connection of (4) reached the collector"
     );
     assert!(misrouted.wire_bytes > 0);
+    assert_eq!(results.long_lived.len(), 2, "(1) and (3) held open");
+    for l in &results.long_lived {
+        assert_eq!(l.chunks, 50);
+        assert!(l.per_chunk() > 100.0, "{l:?}: nothing counted per chunk");
+    }
     Ok(())
 }

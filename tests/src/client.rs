@@ -106,7 +106,9 @@ impl Held {
     /// Still open: reading finds nothing to read rather than the end.
     pub fn is_open(&self) -> bool {
         use std::io::Read;
-        let _ = self.stream.set_read_timeout(Some(Duration::from_millis(200)));
+        let _ = self
+            .stream
+            .set_read_timeout(Some(Duration::from_millis(200)));
         let mut byte = [0u8; 1];
         match (&self.stream).read(&mut byte) {
             Ok(0) => false,

@@ -117,7 +117,8 @@ impl Incident {
         let mut bootstrap = sidecar::bootstrap(&self.layout, install, &self.envoy.access_log);
         change(&mut bootstrap["static_resources"]["listeners"]);
         let applied = |admin: &Self| -> Option<u64> {
-            let stats = sidecar::stats(admin.envoy.admin, "listener_manager.lds.update_success").ok()?;
+            let stats =
+                sidecar::stats(admin.envoy.admin, "listener_manager.lds.update_success").ok()?;
             stats.values().next().copied()
         };
         let before = applied(self).unwrap_or(0);

@@ -184,7 +184,10 @@ impl Layout {
         format!("outbound|{}||api.example.com", self.api_port)
     }
     pub fn peers_cluster(&self) -> String {
-        format!("outbound|{}||peers-ext.app.svc.cluster.local", self.peers_port)
+        format!(
+            "outbound|{}||peers-ext.app.svc.cluster.local",
+            self.peers_port
+        )
     }
 }
 

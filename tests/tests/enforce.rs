@@ -137,7 +137,10 @@ fn back_to_audit_with_the_same_module_drops_no_connection() -> anyhow::Result<()
     let l = incident.layout.clone();
     let peer = l.at(l.peer_pod);
     let passthrough = SocketAddr::new(l.app_pods[0].into(), l.passthrough_port);
-    ensure!(incident.dial(peer)? == Outcome::Closed, "enforce closes the misroute");
+    ensure!(
+        incident.dial(peer)? == Outcome::Closed,
+        "enforce closes the misroute"
+    );
 
     let mut held = Held::open(incident.envoy.outbound, l.own_pod.into(), passthrough)?;
     ensure!(held.greeting.starts_with("app-0"), "{}", held.greeting);
@@ -167,10 +170,19 @@ fn back_to_audit_with_the_same_module_drops_no_connection() -> anyhow::Result<()
     stop.store(true, Ordering::SeqCst);
     let _ = traffic.join();
     answered.context("after the switch to audit the misroute still does not get through")?;
-    let (reached, failed) = (reached.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
-    ensure!(failed == 0 && reached > 10, "{failed} legitimate connections failed, {reached} passed");
+    let (reached, failed) = (
+        reached.load(Ordering::SeqCst),
+        failed.load(Ordering::SeqCst),
+    );
+    ensure!(
+        failed == 0 && reached > 10,
+        "{failed} legitimate connections failed, {reached} passed"
+    );
     held.ping()?;
-    ensure!(held.is_open(), "the long-lived connection was dropped by the switch");
+    ensure!(
+        held.is_open(),
+        "the long-lived connection was dropped by the switch"
+    );
 
     let row = wait_for(Duration::from_secs(20), || {
         let report = incident.collector.report().ok()?;
@@ -181,6 +193,9 @@ fn back_to_audit_with_the_same_module_drops_no_connection() -> anyhow::Result<()
     })
     .context("the misroutes before and after the switch were not reported")?;
     ensure!(row.enforced == 1, "one closed in enforce: {row:#?}");
-    ensure!(row.would_close == row.count, "each would be closed: {row:#?}");
+    ensure!(
+        row.would_close == row.count,
+        "each would be closed: {row:#?}"
+    );
     Ok(())
 }

@@ -137,7 +137,10 @@ fn dns_load_balancing(incident: &Incident, servers: &[PodServer]) -> anyhow::Res
         }
         *reached.entry(name).or_insert(0) += 1;
     }
-    ensure!(reached.len() == 3, "Envoy balanced over all records: {reached:?}");
+    ensure!(
+        reached.len() == 3,
+        "Envoy balanced over all records: {reached:?}"
+    );
     Ok(elsewhere)
 }
 
@@ -166,7 +169,10 @@ fn assert_dns_balancing_is_quiet(build: Build, pod_cidr: &str) -> anyhow::Result
     // An alert would have been printed with the commit; give it a moment.
     std::thread::sleep(Duration::from_millis(500));
     let alerts = alert_lines(&incident);
-    ensure!(alerts.is_empty(), "alerts for DNS load balancing: {alerts:?}");
+    ensure!(
+        alerts.is_empty(),
+        "alerts for DNS load balancing: {alerts:?}"
+    );
     let enforced = counter(&incident, "dialguard.connections.enforced")?;
     ensure!(enforced == 0, "enforced {enforced}");
     Ok(())
@@ -241,7 +247,10 @@ fn headless_misroutes_are_all_reported_and_audit_previews_enforce() -> anyhow::R
     let (enforce, enforce_servers) = start(&dist, Build::Enforce, sidecar::POD_CIDR)?;
     let bytes_before: usize = enforce_servers.iter().map(PodServer::bytes_received).sum();
     let (reached_elsewhere, closed) = headless_round(&enforce, &enforce_servers)?;
-    ensure!(reached_elsewhere == 0, "{reached_elsewhere} misroutes got through");
+    ensure!(
+        reached_elsewhere == 0,
+        "{reached_elsewhere} misroutes got through"
+    );
     ensure!(closed >= 3, "only {closed} of 9 closed");
     let balanced = dns_load_balancing(&enforce, &enforce_servers)?;
     let l = &enforce.layout;
@@ -249,7 +258,12 @@ fn headless_misroutes_are_all_reported_and_audit_previews_enforce() -> anyhow::R
     let wrong_bytes: usize = l
         .peer_set
         .iter()
-        .map(|ip| bytes_at(&enforce_servers, SocketAddr::new(IpAddr::V4(*ip), l.peers_port)))
+        .map(|ip| {
+            bytes_at(
+                &enforce_servers,
+                SocketAddr::new(IpAddr::V4(*ip), l.peers_port),
+            )
+        })
         .sum::<usize>()
         .saturating_sub(bytes_before);
     let right = 9 - closed;
@@ -286,7 +300,11 @@ fn a_long_lived_misroute_is_alerted_while_open() -> anyhow::Result<()> {
     let peer = l.at(l.peer_pod);
     let connected = Instant::now();
     let mut held = Held::open(incident.envoy.outbound, IpAddr::V4(l.own_pod), peer)?;
-    ensure!(held.greeting == "idle", "captured and answered by idle: {}", held.greeting);
+    ensure!(
+        held.greeting == "idle",
+        "captured and answered by idle: {}",
+        held.greeting
+    );
     let mut alert = None;
     while connected.elapsed() < Duration::from_secs(3) && alert.is_none() {
         held.ping()?;
@@ -317,16 +335,29 @@ fn a_long_lived_misroute_is_alerted_while_open() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let report = incident.collector.report()?;
     let misrouted = total(&report, "misrouted");
-    ensure!(misrouted == 1, "counted {misrouted} times: {:#?}", report.rows);
+    ensure!(
+        misrouted == 1,
+        "counted {misrouted} times: {:#?}",
+        report.rows
+    );
     let (events, open): (i64, i64) = db(&incident)?.query_row(
         "SELECT count(*), sum(judged_open) FROM events WHERE verdict = 'misrouted'",
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    ensure!((events, open) == (1, 1), "events {events}, judged open {open}");
+    ensure!(
+        (events, open) == (1, 1),
+        "events {events}, judged open {open}"
+    );
     let misrouted = counter(&incident, "dialguard.connections.misrouted")?;
-    ensure!(misrouted == 1, "Envoy counted {misrouted} misrouted connections");
-    ensure!(alert["upstreamHost"] == l.at(l.idle_pod).to_string(), "{alert}");
+    ensure!(
+        misrouted == 1,
+        "Envoy counted {misrouted} misrouted connections"
+    );
+    ensure!(
+        alert["upstreamHost"] == l.at(l.idle_pod).to_string(),
+        "{alert}"
+    );
     Ok(())
 }
 
@@ -337,7 +368,11 @@ fn registry_only(listeners: &mut Value) {
         if listener["name"] != "virtualOutbound" {
             continue;
         }
-        for chain in listener["filter_chains"].as_array_mut().into_iter().flatten() {
+        for chain in listener["filter_chains"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+        {
             if chain["name"] != "virtualOutbound-catchall-tcp" {
                 continue;
             }
@@ -376,7 +411,10 @@ fn every_finding_names_its_cause() -> anyhow::Result<()> {
         registry_only,
     )?;
     let unknown = SocketAddr::new(IpAddr::V4(l.api_records[2]), l.passthrough_port);
-    ensure!(incident.dial(unknown)? == Outcome::Closed, "REGISTRY_ONLY blocks {unknown}");
+    ensure!(
+        incident.dial(unknown)? == Outcome::Closed,
+        "REGISTRY_ONLY blocks {unknown}"
+    );
 
     let report = wait_for(Duration::from_secs(20), || {
         let report = incident.collector.report().ok()?;
@@ -396,14 +434,23 @@ fn every_finding_names_its_cause() -> anyhow::Result<()> {
     use dialguard_collector::finding::Cause;
     let captured = find(peer)?;
     ensure!(captured.cause == Cause::CatchAll, "{captured:#?}");
-    let culprit = captured.culprit.as_ref().context("catch-all without culprit")?;
+    let culprit = captured
+        .culprit
+        .as_ref()
+        .context("catch-all without culprit")?;
     ensure!(
-        (culprit.kind.as_str(), culprit.namespace.as_str(), culprit.name.as_str())
-            == ("Service", "app", "app-ext"),
+        (
+            culprit.kind.as_str(),
+            culprit.namespace.as_str(),
+            culprit.name.as_str()
+        ) == ("Service", "app", "app-ext"),
         "{culprit:#?}"
     );
     ensure!(culprit.inspect.contains("app-ext"), "{culprit:#?}");
-    ensure!(captured.cause_text.contains(&format!("0.0.0.0_{}", l.port)), "{captured:#?}");
+    ensure!(
+        captured.cause_text.contains(&format!("0.0.0.0_{}", l.port)),
+        "{captured:#?}"
+    );
     let own_row = find(own)?;
     ensure!(own_row.cause == Cause::OwnPodIp, "{own_row:#?}");
     let blocked = find(unknown)?;

@@ -175,12 +175,16 @@ fn enforce_needs_pod_ranges() {
 
 #[test]
 fn istio_auto_allocated_addresses_are_service_vips() {
-    let config = FilterConfig::from_json(br#"{ "collector": { "cluster": "c" }, "serviceCidrs": [] }"#)
-        .expect("valid");
+    let config =
+        FilterConfig::from_json(br#"{ "collector": { "cluster": "c" }, "serviceCidrs": [] }"#)
+            .expect("valid");
     for vip in ["240.240.0.1", "240.240.255.254", "2001:2::7"] {
         assert!(config.is_service_vip(vip.parse().expect("ip")), "{vip}");
     }
     for not_vip in ["240.241.0.1", "10.96.0.1", "2001:3::7"] {
-        assert!(!config.is_service_vip(not_vip.parse().expect("ip")), "{not_vip}");
+        assert!(
+            !config.is_service_vip(not_vip.parse().expect("ip")),
+            "{not_vip}"
+        );
     }
 }

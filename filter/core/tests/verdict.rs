@@ -490,8 +490,14 @@ fn reported_event_carries_both_sides_and_the_details() {
         "outbound|5701||app-ext.app.svc.cluster.local"
     );
     assert_eq!(event.verdict(), Verdict::Misrouted);
-    assert!(event.would_close, "a certain misroute is what enforce closes");
-    assert!(!event.judged_open, "judge_and_record sets it; to_event does not guess");
+    assert!(
+        event.would_close,
+        "a certain misroute is what enforce closes"
+    );
+    assert!(
+        !event.judged_open,
+        "judge_and_record sets it; to_event does not guess"
+    );
     assert_eq!(event.response_flags, 0x8020);
     assert_eq!(event.connection_id, 42);
     assert_eq!(event.intended_service, "app-ext.app.svc.cluster.local");
@@ -671,7 +677,11 @@ fn a_pod_ip_sent_elsewhere_is_misrouted_whatever_was_learned() {
 fn dns_load_balancing_is_never_misrouted() {
     let cluster = "outbound|443||api.example.com";
     let records = ["203.0.113.10:443", "203.0.113.11:443", "203.0.113.12:443"];
-    let records6 = ["[2001:db8::10]:443", "[2001:db8::11]:443", "[2001:db8::12]:443"];
+    let records6 = [
+        "[2001:db8::10]:443",
+        "[2001:db8::11]:443",
+        "[2001:db8::12]:443",
+    ];
     for pods in [PODS, ""] {
         for records in [records, records6] {
             // The application dials the first record, or rotates over them
@@ -763,7 +773,13 @@ fn an_open_connection_is_judged_once_its_upstream_is_chosen() {
 fn only_a_certain_misroute_would_be_closed() {
     for (pods, dst, upstream, cluster, close) in [
         (PODS, "10.0.1.7:5701", Some("10.0.1.9:5701"), "c", true),
-        (PODS, "203.0.113.10:443", Some("203.0.113.11:443"), "c", false),
+        (
+            PODS,
+            "203.0.113.10:443",
+            Some("203.0.113.11:443"),
+            "c",
+            false,
+        ),
         ("", "10.0.1.7:5701", Some("10.0.1.9:5701"), "c", false),
         (PODS, "10.0.1.7:5701", None, "BlackHoleCluster", false),
         (PODS, "10.96.0.1:443", Some("10.0.0.5:6443"), "c", false),
@@ -775,6 +791,10 @@ fn only_a_certain_misroute_would_be_closed() {
             ..Facts::default()
         };
         let judgement = judge(&config(pods), &mut memory(), &mut facts).expect("judged");
-        assert_eq!(judgement.would_close(), close, "{pods:?} {dst} -> {upstream:?}");
+        assert_eq!(
+            judgement.would_close(),
+            close,
+            "{pods:?} {dst} -> {upstream:?}"
+        );
     }
 }
