@@ -1,12 +1,18 @@
 //! `dialguard report --format html` in a real browser: a database filled
 //! through the real ingest (with names a sidecar could send to break a page),
-//! the page made by the real binary, loaded by headless Chromium (Debian's
-//! `chromium`). Checked: no script error or console message, the findings in
-//! the rendered DOM are exactly the JSON report's rows, and nothing was
-//! fetched (Chromium is pointed at a proxy that this test owns and that
-//! counts every connection). Deliberately broken pages show that each of
-//! those checks really detects its fault. Chromium is killed (its process
-//! group, by PID) if it outlives its bound.
+//! the page made by the real binary, and a report built here with every
+//! field of the trust work (causes, culprits, would-close counts, source
+//! pods, hostile strings, absurd names) rendered by the crate, each loaded by
+//! headless Chromium (Debian's `chromium`) and probed over the DevTools
+//! protocol as on screen and as printed. Checked: no script error or console
+//! message, the findings in the rendered DOM are exactly the JSON report's
+//! rows, nothing was fetched (Chromium is pointed at a proxy that this test
+//! owns and that counts every connection), findings are grouped by root
+//! cause worst first with the object to change, its inspect command and the
+//! fix (code spans as `<code>`), diagram labels lie inside their boxes, and
+//! print hides the controls. Deliberately broken pages and probes show that
+//! each of those checks really detects its fault. Chromium is killed (its
+//! process group, by PID) if it outlives its bound.
 
 mod common;
 mod report_fixture;
@@ -635,8 +641,11 @@ fn finding_problems(dom: &str, report: &Report) -> Vec<String> {
     problems
 }
 
+/// A change to what [`PROBE`] read, standing for a page fault.
+type ProbeFault = fn(&mut Probe);
+
 /// What [`PROBE`] reads from the rendered page.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Probe {
     media: String,
@@ -650,7 +659,7 @@ struct Probe {
     interactive: Vec<ProbedControl>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct ProbedGroup {
     culprit: Option<String>,
@@ -664,33 +673,33 @@ struct ProbedGroup {
     shown: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 struct ProbedFinding {
     number: String,
     pods: Vec<String>,
     shown: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 struct ProbedLabel {
     title: String,
     lines: Vec<ProbedLine>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 struct ProbedLine {
     text: String,
     /// The text's box lies within its node's box, and that within the SVG.
     inside: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 struct ProbedEdge {
     verdict: String,
     dash: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 struct ProbedControl {
     element: String,
     shown: bool,
@@ -1067,6 +1076,59 @@ async fn the_html_report_renders_in_chromium_as_the_json_report_says_and_fetches
     assert_eq!(json.rows.len(), 5, "the fixture's rows");
 
     let page = write_page(dir.path(), "fixture.html", &html);
+    // Broken pages, to show that the checks detect what they claim to;
+    // loaded alongside the page itself (each run is mostly Chromium starting).
+    let broken = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write a broken page");
+        path
+    };
+    let without_policy = {
+        let start = html
+            .find("<meta http-equiv=\"Content-Security-Policy\"")
+            .expect("policy");
+        let end = start + html[start..].find('>').expect("end of meta") + 1;
+        format!("{}{}", &html[..start], &html[end..])
+    };
+    let cases = [
+        (
+            // A script error after the page's own script ran.
+            broken(
+                "throws.html",
+                without_policy.replace("</body>", "<script>null.boom();</script></body>"),
+            ),
+            "script error recorded by the page",
+        ),
+        (
+            // An edited inline script no longer matches the policy's hash:
+            // the browser refuses it and says so on the console.
+            broken(
+                "refused.html",
+                html.replacen("'use strict';", "'use strict'; ", 1),
+            ),
+            "the page's script did not run to its end",
+        ),
+        (
+            // A fetch, which only the network check sees.
+            broken(
+                "fetches.html",
+                without_policy.replace(
+                    "</body>",
+                    "<img src=\"http://192.0.2.1/pixel.png\" alt=\"\"></body>",
+                ),
+            ),
+            "network connections",
+        ),
+    ];
+    let runs: Vec<_> = cases
+        .into_iter()
+        .map(|(path, expected)| {
+            (
+                tokio::task::spawn_blocking(move || load_in_chromium(&path)),
+                expected,
+            )
+        })
+        .collect();
     let started = Instant::now();
     let inspection = tokio::task::spawn_blocking(move || inspect_in_chromium(&page))
         .await
@@ -1132,58 +1194,6 @@ async fn the_html_report_renders_in_chromium_as_the_json_report_says_and_fetches
     assert!(!html.contains("http://") && !html.contains("https://"));
 
     // --- The checks above detect what they claim to. -----------------------
-    let broken = |name: &str, text: String| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).expect("write a broken page");
-        path
-    };
-    let without_policy = {
-        let start = html
-            .find("<meta http-equiv=\"Content-Security-Policy\"")
-            .expect("policy");
-        let end = start + html[start..].find('>').expect("end of meta") + 1;
-        format!("{}{}", &html[..start], &html[end..])
-    };
-    let cases = [
-        (
-            // A script error after the page's own script ran.
-            broken(
-                "throws.html",
-                without_policy.replace("</body>", "<script>null.boom();</script></body>"),
-            ),
-            "script error recorded by the page",
-        ),
-        (
-            // An edited inline script no longer matches the policy's hash:
-            // the browser refuses it and says so on the console.
-            broken(
-                "refused.html",
-                html.replacen("'use strict';", "'use strict'; ", 1),
-            ),
-            "the page's script did not run to its end",
-        ),
-        (
-            // A fetch, which only the network check sees.
-            broken(
-                "fetches.html",
-                without_policy.replace(
-                    "</body>",
-                    "<img src=\"http://192.0.2.1/pixel.png\" alt=\"\"></body>",
-                ),
-            ),
-            "network connections",
-        ),
-    ];
-    // Concurrently: each run is mostly Chromium starting up.
-    let runs: Vec<_> = cases
-        .into_iter()
-        .map(|(path, expected)| {
-            (
-                tokio::task::spawn_blocking(move || load_in_chromium(&path)),
-                expected,
-            )
-        })
-        .collect();
     for (run, expected) in runs {
         let run = run.await.expect("chromium runner");
         let found = problems(&run, json.rows.len());
@@ -1375,11 +1385,75 @@ async fn the_html_report_leads_to_the_fix_worst_first_on_screen_and_on_paper() {
     let html = render_html(&report, "2026-12-02T06:00:00.000Z");
     let dir = tempfile::tempdir().expect("tempdir");
     let page = write_page(dir.path(), "trust.html", &html);
+    // The same page broken in layout, loaded alongside: the long label's
+    // box at the old fixed width, and the print styles gone (with the
+    // policy, whose style hash they no longer match).
+    let broken = {
+        let start = html
+            .find("<meta http-equiv=\"Content-Security-Policy\"")
+            .expect("policy");
+        let end = start + html[start..].find('>').expect("end of meta") + 1;
+        let mut text = format!("{}{}", &html[..start], &html[end..]);
+        let node = text
+            .find(&format!("<title>10.0.1.7:5701\npod manager/{LONG_POD}"))
+            .expect("long label");
+        let width = node + text[node..].find("width=\"").expect("box width") + "width=\"".len();
+        let digits = text[width..].find('"').expect("end of width");
+        text.replace_range(width..width + digits, "340");
+        assert!(text.contains("@media print {"));
+        write_page(
+            dir.path(),
+            "trust-broken.html",
+            &text.replace("@media print {", "@media speech {"),
+        )
+    };
+    let broken = tokio::task::spawn_blocking(move || inspect_in_chromium(&broken));
     let inspection = tokio::task::spawn_blocking(move || inspect_in_chromium(&page))
         .await
         .expect("chromium runner");
     let found = inspection_problems(&inspection, &report);
     assert!(found.is_empty(), "problems with the page: {found:#?}");
+
+    // --- The checks detect what they claim to. -----------------------------
+    let broken = broken.await.expect("chromium runner");
+    let found = inspection_problems(&broken, &report);
+    for expected in [
+        format!("label \"pod manager/{LONG_POD}\" overflows its box"),
+        "printed: <input id=\"search\"".to_string(),
+        "printed: <button".to_string(),
+        "prints as \"auto\"".to_string(),
+        "printed text is rgb(31, 35, 40), not black".to_string(),
+    ] {
+        assert!(
+            found.iter().any(|problem| problem.contains(&expected)),
+            "a broken page went undetected (wanted {expected:?}): {found:#?}"
+        );
+    }
+    // Faults in what the page shows, made in what the probe read.
+    let faults: [(&str, ProbeFault); 6] = [
+        ("is worse than the group before it", |p| p.groups.reverse()),
+        ("shows a literal backtick", |p| {
+            let fix = p.groups[0].fix.get_or_insert_default();
+            fix.push('`');
+        }),
+        ("<code>", |p| {
+            p.groups[1].fix_code.pop();
+        }),
+        ("names \"Service app/app\" to change", |p| {
+            p.groups[1].culprit = Some("Service app/app".into())
+        }),
+        ("shows inspect command", |p| p.groups[1].inspect = None),
+        ("shows pods", |p| p.findings[0].pods.reverse()),
+    ];
+    for (expected, fault) in faults {
+        let mut probe = inspection.screen.clone();
+        fault(&mut probe);
+        let found = grouping_problems(&probe, &report);
+        assert!(
+            found.iter().any(|problem| problem.contains(expected)),
+            "a fault went undetected (wanted {expected:?}): {found:#?}"
+        );
+    }
 
     // Rows of one culprit from two workloads share a group; one Service
     // behind two causes makes two groups.
