@@ -98,7 +98,15 @@ button.copy { font: inherit; font-size: 13px; padding: 4px 10px; }
   :root { --red: #000; --amber: #000; --grey: #000; --red-bg: #fff; --amber-bg: #fff; --grey-bg: #fff; --line: #777; --text: #000; --muted: #333; }
   body { background: #fff; font-size: 11pt; }
   th, td { padding: 3px 4px; font-size: 8pt; }
-  code, .pod, td.verdict, td.seen { font-size: 8pt; }
+  th { font-size: 7pt; }
+  code, .pod, td.seen { font-size: 8pt; }
+  td.verdict { font-size: 7.5pt; }
+  .rows .c-verdict { width: 11%; } .rows .c-source { width: 13%; } .rows .c-dialed { width: 16%; }
+  .rows .c-cluster { width: 13%; } .rows .c-seen { width: 14%; }
+  .cards { gap: 6px; }
+  .card { padding: 4px 10px; min-width: 0; }
+  .card .number { font-size: 14pt; }
+  .card .muted { font-size: 8pt; }
   main { max-width: none; padding: 0; }
   .controls, button, #js-error { display: none !important; }
   .cause-group, .group, .card, tr { break-inside: avoid; page-break-inside: avoid; }
@@ -702,7 +710,7 @@ fn cause_group(page: &mut String, number: usize, group: &CauseGroup<'_>) {
          <col class=\"c-dialed\"><col class=\"c-reached\"><col class=\"c-cluster\"><col class=\"c-count\">\
          <col class=\"c-close\"><col class=\"c-seen\"></colgroup>\n<tr><th>verdict</th><th>source workload (pods)</th>\
          <th>dialed (meant to reach)</th><th>reached (upstream workload)</th><th>via cluster</th>\
-         <th>connections</th><th>would close</th><th>first / last seen</th></tr>\n",
+         <th>count</th><th>would close</th><th>first / last seen</th></tr>\n",
     );
     for (index, row) in &group.rows {
         finding_row(page, *index + 1, row);
