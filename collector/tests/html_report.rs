@@ -145,6 +145,8 @@ fn chromium_own_request(request_line: &str) -> bool {
         "clients2.google.com",
         "update.googleapis.com",
         "accounts.google.com",
+        // Optimization hints, seen in runs driven over DevTools (they last longer).
+        "optimizationguide-pa.googleapis.com",
     ]
     .contains(&host)
 }
@@ -244,6 +246,8 @@ fn load_in_chromium(page: &Path) -> PageRun {
 /// A page run driven over the DevTools protocol: the page as on screen,
 /// then as printed.
 struct Inspection {
+    /// What each of the `then` expressions evaluated to, in order.
+    then: Vec<serde_json::Value>,
     run: PageRun,
     screen: Probe,
     print: Probe,
@@ -313,9 +317,10 @@ impl Devtools {
     }
 }
 
-/// Loads `page` in headless Chromium, then reads its DOM and runs
-/// [`PROBE`] once as on screen and once with print media emulated.
-fn inspect_in_chromium(page: &Path) -> Inspection {
+/// Loads `page` in headless Chromium, then reads its DOM, runs [`PROBE`]
+/// once as on screen and once with print media emulated, then evaluates
+/// `then` (which may act on the page) in order.
+fn inspect_in_chromium(page: &Path, then: Vec<String>) -> Inspection {
     let proxy = CountingProxy::start();
     let profile = tempfile::tempdir().expect("profile dir");
     let log_path = profile.path().join("chromium.log");
@@ -346,7 +351,7 @@ fn inspect_in_chromium(page: &Path) -> Inspection {
         next_id: 0,
         session: None,
     };
-    let conversation = (|| -> Result<(String, Probe, Probe), String> {
+    let conversation = (|| -> Result<(String, Probe, Probe, Vec<serde_json::Value>), String> {
         let targets = devtools.call("Target.getTargets", serde_json::json!({}))?;
         let target = targets["targetInfos"]
             .as_array()
@@ -373,15 +378,24 @@ fn inspect_in_chromium(page: &Path) -> Inspection {
             serde_json::json!({"media": "print"}),
         )?;
         let print = probe(&mut devtools)?;
+        let then = then
+            .iter()
+            .map(|expression| devtools.evaluate(expression))
+            .collect::<Result<Vec<_>, _>>()?;
         devtools.session = None;
         // Chromium may exit before it answers; the exit status tells.
         let _ = devtools.call("Browser.close", serde_json::json!({}));
-        Ok((dom.as_str().unwrap_or_default().to_string(), screen, print))
+        Ok((
+            dom.as_str().unwrap_or_default().to_string(),
+            screen,
+            print,
+            then,
+        ))
     })();
     drop(devtools);
     let status = watchdog.join().expect("watchdog");
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    let (dom, screen, print) =
+    let (dom, screen, print, then) =
         conversation.unwrap_or_else(|err| panic!("driving chromium: {err}. Log:\n{log}"));
     let status = status.unwrap_or_else(|| {
         panic!("chromium did not finish within {CHROMIUM_BOUND:?}; killed. Log:\n{log}")
@@ -396,6 +410,7 @@ fn inspect_in_chromium(page: &Path) -> Inspection {
         },
         screen,
         print,
+        then,
     }
 }
 
@@ -1130,7 +1145,7 @@ async fn the_html_report_renders_in_chromium_as_the_json_report_says_and_fetches
         })
         .collect();
     let started = Instant::now();
-    let inspection = tokio::task::spawn_blocking(move || inspect_in_chromium(&page))
+    let inspection = tokio::task::spawn_blocking(move || inspect_in_chromium(&page, vec![]))
         .await
         .expect("chromium runner");
     eprintln!(
@@ -1407,12 +1422,48 @@ async fn the_html_report_leads_to_the_fix_worst_first_on_screen_and_on_paper() {
             &text.replace("@media print {", "@media speech {"),
         )
     };
-    let broken = tokio::task::spawn_blocking(move || inspect_in_chromium(&broken));
-    let inspection = tokio::task::spawn_blocking(move || inspect_in_chromium(&page))
+    let broken = tokio::task::spawn_blocking(move || inspect_in_chromium(&broken, vec![]));
+    // The text filter, typed as a user would: a group's culprit shows all
+    // its rows, and the group alone.
+    let needle = "legacy-db";
+    let filter = format!(
+        "(() => {{
+          const search = document.getElementById('search');
+          search.value = {};
+          search.dispatchEvent(new Event('input'));
+          return {{
+            findings: Array.from(document.querySelectorAll('[data-finding]'))
+              .filter((f) => !f.hidden).map((f) => f.getAttribute('data-finding')),
+            groups: Array.from(document.querySelectorAll('[data-group]')).filter((g) => !g.hidden).length,
+            shown: document.getElementById('shown').textContent,
+          }};
+        }})()",
+        serde_json::to_string(needle).expect("a JS string")
+    );
+    let inspection = tokio::task::spawn_blocking(move || inspect_in_chromium(&page, vec![filter]))
         .await
         .expect("chromium runner");
     let found = inspection_problems(&inspection, &report);
     assert!(found.is_empty(), "problems with the page: {found:#?}");
+
+    let matching: Vec<String> = (1..=report.rows.len())
+        .filter(|n| {
+            report.rows[n - 1]
+                .culprit
+                .as_ref()
+                .is_some_and(|c| c.name == needle)
+        })
+        .map(|n| n.to_string())
+        .collect();
+    assert!(matching.len() > 1, "the needle names a group of rows");
+    assert_eq!(
+        inspection.then[0],
+        serde_json::json!({
+            "findings": matching,
+            "groups": 1,
+            "shown": format!("{} of {} shown", matching.len(), report.rows.len()),
+        })
+    );
 
     // --- The checks detect what they claim to. -----------------------------
     let broken = broken.await.expect("chromium runner");
