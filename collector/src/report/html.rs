@@ -248,6 +248,19 @@ pub fn inline_code(text: &str) -> String {
     out
 }
 
+/// `value` as one Markdown code span whatever backticks it holds: fenced
+/// by a longer run than any inside, padded when it starts or ends with one.
+fn code_span(value: &str) -> String {
+    let longest = value.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+    let fence = "`".repeat(longest + 1);
+    let pad = if value.starts_with('`') || value.ends_with('`') {
+        " "
+    } else {
+        ""
+    };
+    format!("{fence}{pad}{value}{pad}{fence}")
+}
+
 /// Length of the run of backticks `text` starts with.
 fn backtick_run(text: &str) -> usize {
     text.bytes().take_while(|b| *b == b'`').count()
@@ -457,14 +470,15 @@ fn cause_sentence(row: &ReportRow) -> String {
         row.cause_text.clone()
     } else if row.capturing_service.is_empty() {
         format!(
-            "The connection was carried by cluster `{}`, which names no capturing service \
+            "The connection was carried by cluster {}, which names no capturing service \
              (no istio.services metadata).",
-            row.cluster
+            code_span(&row.cluster)
         )
     } else {
         format!(
-            "Captured by the listener of service `{}`, whose cluster `{}` carried the connection.",
-            row.capturing_service, row.cluster
+            "Captured by the listener of service {}, whose cluster {} carried the connection.",
+            code_span(&row.capturing_service),
+            code_span(&row.cluster)
         )
     }
 }
@@ -1238,6 +1252,17 @@ mod tests {
         let cut = format!("workload app/{}…", "w".repeat(MAX_LABEL_CHARS - 14));
         assert!(page.contains(&format!(">{cut}</text>")), "{page}");
         assert!(page.contains(&format!("workload app/{}</title>", "w".repeat(300))));
+    }
+
+    #[test]
+    fn any_value_makes_one_code_span() {
+        for value in ["plain", "a`b", "``x", "y`", "a ``` b", "<b>&"] {
+            assert_eq!(
+                inline_code(&format!("x {} y", code_span(value))),
+                format!("x <code>{}</code> y", escape(value)),
+                "{value:?}"
+            );
+        }
     }
 
     #[test]
