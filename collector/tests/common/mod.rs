@@ -373,6 +373,8 @@ pub fn event(
         intended_service: "ratings.bookinfo.svc.cluster.local".into(),
         upstream_workload: "ratings-v1;bookinfo;ratings;v1;Kubernetes".into(),
         enforced: false,
+        would_close: false,
+        judged_open: false,
     }
 }
 
