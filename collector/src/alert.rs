@@ -1,4 +1,6 @@
-//! One JSON line on stdout per misrouted connection, as soon as it is stored,
+//! One JSON line on stdout per misrouted connection (only MISROUTED, after
+//! the collector's upgrade: blackholed and redirected ones are reported,
+//! never alerted here), as soon as it is stored,
 //! rate-limited per aggregation key: a misroute that repeats a thousand times
 //! a second prints one line per interval, and the next line says how many
 //! were held back.
@@ -13,6 +15,7 @@ use dialguard_proto::v1::{Hello, Verdict};
 use serde::Serialize;
 
 use crate::event::ValidEvent;
+use crate::finding::{Cause, Subject};
 
 /// Keys tracked at once; beyond this, lines for new keys are counted, not printed.
 const MAX_TRACKED_KEYS: usize = 10_000;
@@ -61,6 +64,12 @@ struct MisrouteAlert<'a> {
     intended_service: &'a str,
     response_flags: u64,
     connection_id: u64,
+    cause: Cause,
+    cause_text: String,
+    fix: String,
+    /// Enforce mode closes this connection (the filter was certain); false
+    /// for a misroute only the collector's pod directory recognised.
+    would_close: bool,
     /// Lines held back for this key since the previous one.
     suppressed: u64,
 }
@@ -190,6 +199,15 @@ impl Limiter {
 }
 
 fn alert_line(sidecar: &Hello, event: &ValidEvent, suppressed: u64) -> String {
+    let explained = Subject {
+        cause: event.cause,
+        cluster: &event.raw.cluster_name,
+        capturing_service: &event.raw.intended_service,
+        dialed: event.original_destination,
+        source_namespace: &sidecar.namespace,
+        source_workload: &sidecar.workload_name,
+    }
+    .explain();
     let alert = MisrouteAlert {
         alert: "DialguardMisroute",
         time: crate::time::rfc3339(event.raw.timestamp_unix_nanos),
@@ -204,6 +222,10 @@ fn alert_line(sidecar: &Hello, event: &ValidEvent, suppressed: u64) -> String {
         intended_service: &event.raw.intended_service,
         response_flags: event.raw.response_flags,
         connection_id: event.raw.connection_id,
+        cause: event.cause,
+        cause_text: explained.cause_text,
+        fix: explained.fix,
+        would_close: event.raw.would_close,
         suppressed,
     };
     serde_json::to_string(&alert).unwrap_or_default()

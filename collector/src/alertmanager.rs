@@ -1,5 +1,6 @@
-//! Pushes misroutes to Alertmanager's v2 API (`POST /api/v2/alerts`), one
-//! alert per (source, dialed, reached, cluster, verdict): sent at once when a
+//! Pushes misroutes (critical) and blackholed connections (warning) to
+//! Alertmanager's v2 API (`POST /api/v2/alerts`), one alert per (source,
+//! dialed, reached, cluster, verdict, cause): sent at once when a
 //! key first appears, re-sent every `resend_every` while it continues, and
 //! resolved once it has been quiet for `resolve_after` (its `endsAt` is
 //! always last seen + `resolve_after`). Ingest never waits for Alertmanager:
@@ -17,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::directory::Directory;
 use crate::event::ValidEvent;
-use crate::report::remediation;
+use crate::finding::{Cause, Subject};
 
 /// Alert keys held at once; new keys beyond this are not pushed until some resolve.
 const MAX_ACTIVE: usize = 10_000;
@@ -51,6 +52,7 @@ struct Key {
     reached: Option<SocketAddr>,
     cluster: String,
     verdict: &'static str,
+    cause: Cause,
 }
 
 #[derive(Debug)]
@@ -70,7 +72,10 @@ impl AlertmanagerSink {
     /// Queues the batch's reported connections (one observation per key).
     pub fn observe(&self, sidecar: &Hello, events: &[ValidEvent], directory: &Directory) {
         let mut seen: HashSet<Key> = HashSet::new();
-        for event in events {
+        // REDIRECTED (not known to be a pod: DNS load balancing, mostly)
+        // pages nobody and must not crowd misroutes out of `MAX_ACTIVE`:
+        // it is in the report and the metrics only.
+        for event in events.iter().filter(|e| pushed(e.verdict)) {
             let key = Key {
                 workload: sidecar.workload_name.clone(),
                 namespace: sidecar.namespace.clone(),
@@ -78,6 +83,7 @@ impl AlertmanagerSink {
                 reached: event.upstream_host,
                 cluster: event.raw.cluster_name.clone(),
                 verdict: event.verdict.label(),
+                cause: event.cause,
             };
             if !seen.insert(key.clone()) {
                 continue;
@@ -92,6 +98,11 @@ impl AlertmanagerSink {
             }
         }
     }
+}
+
+/// The verdicts pushed: misrouted (critical) and blackholed (warning).
+fn pushed(verdict: Verdict) -> bool {
+    matches!(verdict, Verdict::Misrouted | Verdict::Blackholed)
 }
 
 fn annotations(
@@ -133,10 +144,26 @@ fn annotations(
         },
     );
     out.insert("source_pod", sidecar.pod_name.clone());
-    out.insert(
-        "remediation",
-        remediation(service, dialed.port(), event.verdict.label()),
-    );
+    let explained = Subject {
+        cause: event.cause,
+        cluster: &event.raw.cluster_name,
+        capturing_service: service,
+        dialed,
+        source_namespace: &sidecar.namespace,
+        source_workload: &sidecar.workload_name,
+    }
+    .explain();
+    out.insert("description", explained.cause_text);
+    out.insert("remediation", explained.fix);
+    if let Some(culprit) = explained.culprit {
+        out.insert(
+            "culprit",
+            format!(
+                "{} {}/{}: {}",
+                culprit.kind, culprit.namespace, culprit.name, culprit.inspect
+            ),
+        );
+    }
     out
 }
 
@@ -160,6 +187,7 @@ fn severity(verdict: &str) -> &'static str {
     match verdict {
         v if v == Verdict::Misrouted.label() => "critical",
         v if v == Verdict::Blackholed.label() => "warning",
+        // Not pushed (see `pushed`); never more than info.
         _ => "info",
     }
 }
@@ -173,6 +201,7 @@ fn labels(key: &Key) -> BTreeMap<&'static str, String> {
         ("destination", key.dialed.to_string()),
         ("cluster", key.cluster.clone()),
         ("verdict", key.verdict.to_string()),
+        ("cause", key.cause.label().to_string()),
         ("severity", severity(key.verdict).to_string()),
     ])
 }

@@ -70,6 +70,13 @@ impl Directory {
         }
     }
 
+    /// Whether a sidecar announced `ip` as its pod's: cheap, no clone.
+    pub fn is_pod(&self, ip: IpAddr) -> bool {
+        self.entries
+            .read()
+            .is_ok_and(|entries| entries.contains_key(&ip))
+    }
+
     pub fn owner(&self, ip: IpAddr) -> Option<PodRef> {
         self.entries.read().ok()?.get(&ip).cloned()
     }

@@ -5,6 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use dialguard_proto::v1::{ConnectionEvent, SocketAddress, Verdict};
 
+use crate::finding::Cause;
+
 #[derive(Debug, Clone)]
 pub struct ValidEvent {
     pub raw: ConnectionEvent,
@@ -12,6 +14,9 @@ pub struct ValidEvent {
     pub upstream_host: Option<SocketAddr>,
     pub source: Option<SocketAddr>,
     pub verdict: Verdict,
+    /// What the event supports as the cause: set by ingest once the
+    /// verdict is final (`ingest::judge`), stored with the event.
+    pub cause: Cause,
 }
 
 /// Every field an event can be refused for (the `reason` label values).
@@ -85,6 +90,7 @@ impl ValidEvent {
             upstream_host,
             source,
             verdict,
+            cause: Cause::Unexplained,
         })
     }
 }

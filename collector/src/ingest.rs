@@ -2,13 +2,13 @@
 //! each acknowledged only after the store committed it. Invalid events are
 //! refused one by one (named in the ack); invalid streams end with a status.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use dialguard_proto::v1::collector_server::Collector;
 use dialguard_proto::v1::{
-    Ack, CollectorMessage, ConnectionEvent, EventBatch, Hello, Rejection, SidecarMessage,
+    Ack, CollectorMessage, ConnectionEvent, EventBatch, Hello, Rejection, SidecarMessage, Verdict,
     collector_message, sidecar_message,
 };
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -19,6 +19,7 @@ use crate::alert::AlertSink;
 use crate::alertmanager::AlertmanagerSink;
 use crate::directory::Directory;
 use crate::event::ValidEvent;
+use crate::finding::{self, Cause};
 use crate::metrics::Metrics;
 use crate::store::{Batch, Committed, PendingCommit, StoreError, Writer};
 
@@ -316,7 +317,8 @@ impl CollectorService {
         let through = batch.events.iter().map(|e| e.sequence).max().unwrap_or(0);
         let events = batch.events.len();
         self.metrics.events_received.inc_by(events as u64);
-        let (valid, rejected) = validate_events(batch.events, &self.metrics);
+        let (mut valid, rejected) = validate_events(batch.events, &self.metrics);
+        judge(&mut valid, hello, &self.notify.directory);
         if let Some(first) = rejected.first() {
             tracing::warn!(
                 node = %hello.node_id,
@@ -444,13 +446,26 @@ impl CollectorService {
         self.metrics
             .events_duplicate
             .inc_by(valid.saturating_sub(new));
+        // Summed per label set first: the metric's labels are owned
+        // strings, so one increment per set, not per event (batches of
+        // hundreds of events mostly share a handful of sets).
+        let mut sets: HashMap<(&'static str, u16, Cause), u64, foldhash::fast::RandomState> =
+            HashMap::default();
+        let mut would_close = 0;
         for event in new_events {
-            self.metrics.misrouted(
-                &hello.namespace,
+            let key = (
                 event.verdict.label(),
                 event.original_destination.port(),
+                event.cause,
             );
+            *sets.entry(key).or_default() += 1;
+            would_close += u64::from(event.raw.would_close);
         }
+        for ((verdict, port, cause), connections) in sets {
+            self.metrics
+                .misrouted(&hello.namespace, verdict, port, cause, connections);
+        }
+        self.metrics.would_close(&hello.namespace, would_close);
     }
 }
 
@@ -505,6 +520,35 @@ fn validate_events(
         }
     }
     (events, rejected)
+}
+
+/// Settles each event's verdict and cause, once, before it is stored.
+///
+/// The filter can only tell a pod IP by `podCidrs`; when they are not set
+/// (or incomplete) a pod dialed and reached elsewhere arrives REDIRECTED.
+/// What decides is whether the dialed address belongs to the mesh: an
+/// address the directory knows as a pod makes it MISROUTED (stored,
+/// counted, alerted and reported as such; `would_close` stays as the
+/// filter sent it, false: the filter was not certain).
+fn judge(events: &mut [ValidEvent], hello: &Hello, directory: &Directory) {
+    for event in events {
+        if event.verdict == Verdict::Redirected && directory.is_pod(event.original_destination.ip())
+        {
+            event.verdict = Verdict::Misrouted;
+            event.raw.verdict = Verdict::Misrouted as i32;
+        }
+        let raw = &event.raw;
+        event.cause = finding::classify(&finding::Facts {
+            verdict: event.verdict,
+            cluster: &raw.cluster_name,
+            filter_chain: &raw.filter_chain_name,
+            response_flags: raw.response_flags,
+            dialed: event.original_destination,
+            upstream: event.upstream_host,
+            source: event.source,
+            instance_ips: &hello.instance_ips,
+        });
+    }
 }
 
 fn validate_hello(hello: Hello) -> Result<Hello, IngestError> {

@@ -1,7 +1,8 @@
 //! The collector's own Prometheus metrics, served at `GET /metrics`
 //! (OpenMetrics text). Label sets are bounded: misrouted connections are
-//! labelled by source namespace, verdict and port for the first
-//! `MAX_MISROUTE_SERIES` combinations, and as `other` after that.
+//! labelled by source namespace, verdict, port and cause for the first
+//! `MAX_MISROUTE_SERIES` combinations, and as `other` after that; would-close
+//! counts by source namespace, the first `MAX_WOULD_CLOSE_SERIES` of them.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::finding::Cause;
 
 /// Distinct (namespace, verdict, port) series before new ones fold into `other`.
 const MAX_MISROUTE_SERIES: usize = 1_000;
@@ -27,7 +30,18 @@ pub struct MisrouteLabels {
     pub source_namespace: String,
     pub verdict: String,
     pub port: String,
+    /// One of `finding::Cause`'s seven labels: bounded by construction.
+    pub cause: String,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabels {
+    pub source_namespace: String,
+}
+
+/// Distinct source namespaces of `would_close_connections` before new ones
+/// fold into `other`.
+const MAX_WOULD_CLOSE_SERIES: usize = 1_000;
 
 /// Every metric, cheap to clone (the handles share their values).
 #[derive(Clone, Debug)]
@@ -44,6 +58,8 @@ pub struct Metrics {
     pub commit_duration: Histogram,
     misrouted: Family<MisrouteLabels, Counter>,
     misroute_series: Arc<Mutex<HashSet<MisrouteLabels>>>,
+    would_close: Family<NamespaceLabels, Counter>,
+    would_close_series: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Default for Metrics {
@@ -66,6 +82,7 @@ impl Metrics {
         // 0.5 ms to about 8 s.
         let commit_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 15));
         let misrouted = Family::<MisrouteLabels, Counter>::default();
+        let would_close = Family::<NamespaceLabels, Counter>::default();
         registry.register(
             "events_received",
             "Events received from sidecars (valid or not, resends included)",
@@ -113,8 +130,13 @@ impl Metrics {
         );
         registry.register(
             "misrouted_connections",
-            "Connections reported by sidecars (misrouted, blackholed, redirected), by source namespace, verdict and dialed port",
+            "Connections reported by sidecars (misrouted, blackholed, redirected), by source namespace, verdict, dialed port and cause",
             misrouted.clone(),
+        );
+        registry.register(
+            "would_close_connections",
+            "Connections enforce mode closes (or would close, in audit mode), by source namespace",
+            would_close.clone(),
         );
         // Labelled series exist from the start at 0, so that Prometheus'
         // increase() sees the first refusal too.
@@ -141,6 +163,8 @@ impl Metrics {
             commit_duration,
             misrouted,
             misroute_series: Arc::new(Mutex::new(HashSet::new())),
+            would_close,
+            would_close_series: Arc::new(Mutex::new(HashSet::new())),
         }
     }
 
@@ -164,12 +188,20 @@ impl Metrics {
         self.commit_duration.observe(took.as_secs_f64());
     }
 
-    /// Counts one reported connection; past the series cap, under `other`.
-    pub fn misrouted(&self, source_namespace: &str, verdict: &str, port: u16) {
+    /// Counts reported connections; past the series cap, under `other`.
+    pub fn misrouted(
+        &self,
+        source_namespace: &str,
+        verdict: &str,
+        port: u16,
+        cause: Cause,
+        connections: u64,
+    ) {
         let labels = MisrouteLabels {
             source_namespace: source_namespace.to_string(),
             verdict: verdict.to_string(),
             port: port.to_string(),
+            cause: cause.label().to_string(),
         };
         let labels = match self.misroute_series.lock() {
             Ok(series) if series.contains(&labels) => labels,
@@ -181,9 +213,34 @@ impl Metrics {
                 source_namespace: "other".into(),
                 verdict: verdict.to_string(),
                 port: "other".into(),
+                cause: cause.label().to_string(),
             },
         };
-        self.misrouted.get_or_create(&labels).inc();
+        self.misrouted.get_or_create(&labels).inc_by(connections);
+    }
+
+    /// Counts connections enforce mode closes or would close; past the
+    /// namespace cap, under `other`.
+    pub fn would_close(&self, source_namespace: &str, connections: u64) {
+        if connections == 0 {
+            return;
+        }
+        let known = match self.would_close_series.lock() {
+            Ok(series) if series.contains(source_namespace) => true,
+            Ok(mut series) if series.len() < MAX_WOULD_CLOSE_SERIES => {
+                series.insert(source_namespace.to_string());
+                true
+            }
+            _ => false,
+        };
+        let labels = NamespaceLabels {
+            source_namespace: if known {
+                source_namespace.to_string()
+            } else {
+                "other".into()
+            },
+        };
+        self.would_close.get_or_create(&labels).inc_by(connections);
     }
 
     /// The exposition text (OpenMetrics).
@@ -205,7 +262,7 @@ mod tests {
     fn misroute_series_are_capped() {
         let metrics = Metrics::new();
         for port in 0..(MAX_MISROUTE_SERIES as u16 + 50) {
-            metrics.misrouted("manager", "misrouted", port);
+            metrics.misrouted("manager", "misrouted", port, Cause::CatchAll, 1);
         }
         let text = metrics.encode().unwrap_or_default();
         let series = text
@@ -214,7 +271,40 @@ mod tests {
             .count();
         assert_eq!(series, MAX_MISROUTE_SERIES + 1, "capped plus one `other`");
         assert!(text.contains(
-            r#"dialguard_misrouted_connections_total{source_namespace="other",verdict="misrouted",port="other"} 50"#
+            r#"dialguard_misrouted_connections_total{source_namespace="other",verdict="misrouted",port="other",cause="catch_all"} 50"#
         ));
+    }
+}
+
+#[cfg(test)]
+mod would_close_tests {
+    use super::*;
+
+    #[test]
+    fn would_close_series_are_per_namespace_and_capped() {
+        let metrics = Metrics::new();
+        metrics.would_close("manager", 0);
+        assert!(
+            !metrics
+                .encode()
+                .unwrap_or_default()
+                .contains("would_close_connections_total{")
+        );
+        for n in 0..(MAX_WOULD_CLOSE_SERIES + 3) {
+            metrics.would_close(&format!("ns-{n}"), 2);
+        }
+        metrics.would_close("ns-0", 1);
+        let text = metrics.encode().unwrap_or_default();
+        assert!(
+            text.contains(r#"dialguard_would_close_connections_total{source_namespace="ns-0"} 3"#)
+        );
+        assert!(
+            text.contains(r#"dialguard_would_close_connections_total{source_namespace="other"} 6"#)
+        );
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("dialguard_would_close_connections_total{"))
+            .count();
+        assert_eq!(series, MAX_WOULD_CLOSE_SERIES + 1);
     }
 }

@@ -9,7 +9,7 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use rusqlite::Connection;
 use serde::Serialize;
 
-use crate::finding::{Cause, Culprit};
+use crate::finding::{Cause, Culprit, Subject};
 use crate::store::{self, DirectoryEntry, StoreError};
 use crate::time::rfc3339;
 
@@ -114,7 +114,7 @@ pub fn query_filtered(conn: &Connection, filter: &ReportFilter) -> Result<Report
     let mut statement = conn.prepare(&format!(
         "SELECT source_workload, source_namespace, original_destination, upstream_host,
                 cluster, verdict, count, first_seen_ns, last_seen_ns, capturing_service,
-                upstream_workload
+                upstream_workload, cause, would_close, enforced, source_pods
          FROM aggregates
          WHERE {condition}
          ORDER BY verdict = 'misrouted' DESC, count DESC, original_destination"
@@ -125,6 +125,10 @@ pub fn query_filtered(conn: &Connection, filter: &ReportFilter) -> Result<Report
             let count: i64 = row.get(6)?;
             let first: i64 = row.get(7)?;
             let last: i64 = row.get(8)?;
+            let cause: String = row.get(11)?;
+            let would_close: i64 = row.get(12)?;
+            let enforced: i64 = row.get(13)?;
+            let source_pods: String = row.get(14)?;
             Ok(ReportRow {
                 source_workload: row.get(0)?,
                 source_namespace: row.get(1)?,
@@ -140,12 +144,17 @@ pub fn query_filtered(conn: &Connection, filter: &ReportFilter) -> Result<Report
                 upstream_workload: row.get(10)?,
                 summary: String::new(),
                 fix: String::new(),
-                cause: Cause::default(),
+                // Empty for rows stored before causes existed.
+                cause: Cause::from_label(&cause).unwrap_or_default(),
                 cause_text: String::new(),
                 culprit: None,
-                would_close: 0,
-                enforced: 0,
-                source_pods: Vec::new(),
+                would_close: would_close.max(0) as u64,
+                enforced: enforced.max(0) as u64,
+                source_pods: source_pods
+                    .split(',')
+                    .filter(|pod| !pod.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -179,42 +188,21 @@ fn enrich(mut row: ReportRow, directory: &HashMap<IpAddr, DirectoryEntry>) -> Re
             last_seen: rfc3339(entry.last_seen_ns),
         });
     row.summary = summary(&row);
-    let port = row
-        .original_destination
-        .parse::<SocketAddr>()
-        .map_or(0, |a| a.port());
-    row.fix = remediation(&row.capturing_service, port, &row.verdict);
-    row
-}
-
-/// The usual fix for a reported connection, after ../shared/INCIDENT.md:
-/// the capturing service declares a shared TCP port, so its catch-all
-/// listener takes every connection to that port, pod IPs included.
-pub fn remediation(capturing_service: &str, port: u16, verdict: &str) -> String {
-    if verdict == "redirected" {
-        return format!(
-            "An address outside the pod and service ranges on port {port} was sent elsewhere, \
-             typically an external host resolved by DNS: if that is expected, allow it \
-             (allow rule by cluster or destinationCidr); otherwise treat it like a misroute."
-        );
+    if let Ok(dialed) = row.original_destination.parse::<SocketAddr>() {
+        let explained = Subject {
+            cause: row.cause,
+            cluster: &row.cluster,
+            capturing_service: &row.capturing_service,
+            dialed,
+            source_namespace: &row.source_namespace,
+            source_workload: &row.source_workload,
+        }
+        .explain();
+        row.cause_text = explained.cause_text;
+        row.fix = explained.fix;
+        row.culprit = explained.culprit;
     }
-    let culprit = if capturing_service.is_empty() {
-        format!(
-            "A Service or ServiceEntry declaring port {port} (find it with `dialguard analyze` \
-             on this sidecar's config dump)"
-        )
-    } else {
-        format!("{capturing_service}, which declares port {port},")
-    };
-    format!(
-        "{culprit} makes every sidecar capture connections to pod IPs on port {port} \
-         (catch-all listener 0.0.0.0_{port}). Fix: do not declare port {port} on that \
-         ExternalName Service or address-less ServiceEntry (give the ServiceEntry \
-         `addresses`, or use a VirtualService to redirect instead of swapping Service \
-         types); or restrict its visibility (`exportTo`, a Sidecar resource); or move \
-         one of the services to its own port or to TLS with SNI; and name ports with \
-         their protocol (tcp-, http-, grpc-)."
-    )
+    row
 }
 
 /// "manager/manager dialed pod manager-7948-sh7rx (10.0.1.7:5701) and
@@ -268,6 +256,7 @@ pub fn render_csv(report: &Report) -> Result<String, csv::Error> {
             .as_ref()
             .map(|pod| format!("{}/{}", pod.namespace, pod.pod))
             .unwrap_or_default();
+        let would_close = row.would_close.to_string();
         writer.write_record([
             row.verdict.as_str(),
             &source,
@@ -276,7 +265,9 @@ pub fn render_csv(report: &Report) -> Result<String, csv::Error> {
             row.upstream_host.as_deref().unwrap_or(""),
             &row.cluster,
             &row.capturing_service,
+            row.cause.label(),
             &count,
+            &would_close,
             &row.first_seen,
             &row.last_seen,
         ])?;
@@ -289,7 +280,7 @@ pub fn render_csv(report: &Report) -> Result<String, csv::Error> {
 }
 
 /// The CSV columns: the table's, with cluster and capturing service apart.
-pub const CSV_HEADER: [&str; 10] = [
+pub const CSV_HEADER: [&str; 12] = [
     "verdict",
     "source (ns/workload)",
     "dialed",
@@ -297,7 +288,9 @@ pub const CSV_HEADER: [&str; 10] = [
     "reached",
     "cluster",
     "capturing service",
+    "cause",
     "count",
+    "would close",
     "first seen",
     "last seen",
 ];
@@ -312,7 +305,9 @@ pub fn render_table(report: &Report) -> String {
         "meant to reach",
         "reached",
         "cluster (service)",
+        "cause",
         "count",
+        "would close",
         "first seen",
         "last seen",
     ]);
@@ -331,7 +326,9 @@ pub fn render_table(report: &Report) -> String {
             } else {
                 format!("{}\n({})", row.cluster, row.capturing_service)
             },
+            row.cause.label().to_string(),
             row.count.to_string(),
+            row.would_close.to_string(),
             row.first_seen.clone(),
             row.last_seen.clone(),
         ]);

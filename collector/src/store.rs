@@ -15,6 +15,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::event::ValidEvent;
+use crate::finding::Cause;
 use crate::metrics::Metrics;
 
 /// Migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -92,7 +93,30 @@ const MIGRATIONS: &[&str] = &[
         value INTEGER NOT NULL
      ) WITHOUT ROWID;
      CREATE INDEX events_by_time ON events (timestamp_ns);",
+    // 5: the cause of each event (computed once at ingest), enforce mode's
+    // preview (would_close) and when the filter judged it; per report row
+    // the latest cause, would-close and enforced counts and the source pods.
+    // Rows stored before causes existed get the cause their row alone
+    // supports (as `finding::classify` decides it without the filter chain);
+    // the others stay empty and read as unexplained.
+    "ALTER TABLE events ADD COLUMN would_close INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE events ADD COLUMN judged_open INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE events ADD COLUMN cause TEXT NOT NULL DEFAULT '';
+     ALTER TABLE aggregates ADD COLUMN cause TEXT NOT NULL DEFAULT '';
+     ALTER TABLE aggregates ADD COLUMN would_close INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE aggregates ADD COLUMN enforced INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE aggregates ADD COLUMN source_pods TEXT NOT NULL DEFAULT '';
+     UPDATE aggregates SET cause = CASE
+        WHEN cluster LIKE 'outbound|%|%|_%' AND verdict = 'misrouted' THEN 'catch_all'
+        WHEN cluster LIKE 'outbound|%|%|_%' AND verdict IN ('redirected', 'resolved')
+            THEN 'dns_redirection'
+        WHEN verdict = 'blackholed' AND cluster NOT IN ('', 'BlackHoleCluster', 'PassthroughCluster')
+            THEN 'no_endpoints'
+        ELSE '' END;",
 ];
+
+/// Most pod names kept per report row (`aggregates.source_pods`).
+pub const MAX_SOURCE_PODS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -680,12 +704,17 @@ type AggregateSums = HashMap<AggregateKey, AggregateSum, foldhash::fast::RandomS
 
 #[derive(Debug)]
 struct AggregateSum {
+    /// One sidecar VM (the key has its id), so one source pod.
     source: Arc<Hello>,
     count: u64,
+    would_close: u64,
+    enforced: u64,
     first_ns: u64,
     last_ns: u64,
     capturing_service: String,
     upstream_workload: String,
+    /// The latest event's.
+    cause: Cause,
 }
 
 fn flush_aggregates(
@@ -695,10 +724,23 @@ fn flush_aggregates(
     let mut upsert = tx.prepare_cached(
         "INSERT INTO aggregates (source_workload, source_namespace, original_destination,
             upstream_host, cluster, verdict, count, first_seen_ns, last_seen_ns,
-            capturing_service, upstream_workload)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+            capturing_service, upstream_workload, cause, would_close, enforced, source_pods)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
          ON CONFLICT DO UPDATE SET
             count = count + excluded.count,
+            would_close = would_close + excluded.would_close,
+            enforced = enforced + excluded.enforced,
+            cause = CASE WHEN excluded.cause = '' THEN cause ELSE excluded.cause END,
+            -- The comma-joined set of source pods, at most MAX_SOURCE_PODS:
+            -- excluded.source_pods is one name (one sidecar per sum).
+            source_pods = CASE
+                WHEN excluded.source_pods = ''
+                    OR instr(',' || source_pods || ',', ',' || excluded.source_pods || ',') > 0
+                    THEN source_pods
+                WHEN source_pods = '' THEN excluded.source_pods
+                WHEN length(source_pods) - length(replace(source_pods, ',', '')) + 1 >= ?16
+                    THEN source_pods
+                ELSE source_pods || ',' || excluded.source_pods END,
             first_seen_ns = min(first_seen_ns, excluded.first_seen_ns),
             last_seen_ns = max(last_seen_ns, excluded.last_seen_ns),
             capturing_service = CASE WHEN excluded.capturing_service = ''
@@ -719,6 +761,16 @@ fn flush_aggregates(
             as_sql_int(sum.last_ns),
             sum.capturing_service,
             sum.upstream_workload,
+            sum.cause.label(),
+            as_sql_int(sum.would_close),
+            as_sql_int(sum.enforced),
+            // A name with a comma (not a Kubernetes name) would split the list.
+            if sum.source.pod_name.contains(',') {
+                ""
+            } else {
+                sum.source.pod_name.as_str()
+            },
+            MAX_SOURCE_PODS as i64,
         ])?;
     }
     Ok(())
@@ -765,8 +817,9 @@ fn commit_group<'a>(
             "INSERT OR IGNORE INTO events (sidecar_id, sequence, timestamp_ns,
                 original_destination, upstream_host, source, connection_id, cluster,
                 filter_chain, verdict, response_flags, failure_reason, intended_service,
-                upstream_workload, enforced)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                upstream_workload, enforced, would_close, judged_open, cause)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                ?17, ?18)",
         )?;
         let mut dropped_before = tx.prepare_cached(
             "SELECT dropped_total FROM sidecars WHERE node_id = ?1 AND vm_instance = ?2",
@@ -829,6 +882,9 @@ fn commit_group<'a>(
                         raw.intended_service,
                         raw.upstream_workload,
                         raw.enforced,
+                        raw.would_close,
+                        raw.judged_open,
+                        event.cause.label(),
                     ])?;
                 } else {
                     sampled_out += 1;
@@ -844,11 +900,16 @@ fn commit_group<'a>(
                     verdict: event.verdict.label(),
                 };
                 let at = raw.timestamp_unix_nanos;
+                let would_close = u64::from(raw.would_close);
+                let enforced = u64::from(raw.enforced);
                 sums.entry(key)
                     .and_modify(|sum| {
                         sum.count += 1;
+                        sum.would_close += would_close;
+                        sum.enforced += enforced;
                         sum.first_ns = sum.first_ns.min(at);
                         sum.last_ns = sum.last_ns.max(at);
+                        sum.cause = event.cause;
                         if !raw.intended_service.is_empty() {
                             sum.capturing_service.clone_from(&raw.intended_service);
                         }
@@ -859,10 +920,13 @@ fn commit_group<'a>(
                     .or_insert_with(|| AggregateSum {
                         source: Arc::clone(s),
                         count: 1,
+                        would_close,
+                        enforced,
                         first_ns: at,
                         last_ns: at,
                         capturing_service: raw.intended_service.clone(),
                         upstream_workload: raw.upstream_workload.clone(),
+                        cause: event.cause,
                     });
             }
             advance_sidecar.execute(params![
@@ -1013,6 +1077,67 @@ pub fn directory(conn: &Connection) -> Result<HashMap<IpAddr, DirectoryEntry>, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_stored_before_causes_get_the_cause_their_row_supports() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("old.db");
+        {
+            let conn = Connection::open(&path).expect("create");
+            for migration in &MIGRATIONS[..4] {
+                conn.execute_batch(migration).expect("old migration");
+            }
+            conn.pragma_update(None, "user_version", 4)
+                .expect("version");
+            let mut insert = conn
+                .prepare(
+                    "INSERT INTO aggregates (source_workload, source_namespace,
+                        original_destination, upstream_host, cluster, verdict, count,
+                        first_seen_ns, last_seen_ns) VALUES ('w', 'ns', ?1, '', ?2, ?3, 1, 1, 1)",
+                )
+                .expect("prepare");
+            for (dialed, cluster, verdict) in [
+                (
+                    "10.0.0.1:5701",
+                    "outbound|5701||app-ext.app.svc.cluster.local",
+                    "misrouted",
+                ),
+                ("10.0.0.2:5701", "PassthroughCluster", "misrouted"),
+                (
+                    "10.0.0.3:443",
+                    "outbound|443||api.example.com",
+                    "redirected",
+                ),
+                (
+                    "10.0.0.4:5701",
+                    "outbound|5701||app.app.svc.cluster.local",
+                    "blackholed",
+                ),
+                ("10.0.0.5:5701", "BlackHoleCluster", "blackholed"),
+                ("10.0.0.6:5701", "outbound|5701||", "misrouted"),
+            ] {
+                insert
+                    .execute(params![dialed, cluster, verdict])
+                    .expect("insert");
+            }
+        }
+        let conn = open_for_writing(&path).expect("migrate");
+        let causes: Vec<(String, String)> = conn
+            .prepare("SELECT original_destination, cause FROM aggregates ORDER BY 1")
+            .expect("prepare")
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        let labels: Vec<&str> = causes.iter().map(|(_, cause)| cause.as_str()).collect();
+        // What the row alone supports; the rest needs the filter chain or
+        // the sidecar's IPs, which rows do not keep.
+        assert_eq!(
+            labels,
+            ["catch_all", "", "dns_redirection", "no_endpoints", "", ""],
+            "{causes:?}"
+        );
+    }
 
     #[test]
     fn stored_addresses_read_as_socket_addr_displays_them() {

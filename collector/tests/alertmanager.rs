@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::*;
 use dialguard_collector::ServeConfig;
 use dialguard_collector::alertmanager::AlertmanagerConfig;
-use dialguard_proto::v1::{Hello, SidecarMessage, sidecar_message};
+use dialguard_proto::v1::{ConnectionEvent, Hello, SidecarMessage, Verdict, sidecar_message};
 use serde_json::Value;
 
 fn start_alertmanager(dir: &Path, addr: SocketAddr) -> Daemon {
@@ -129,6 +129,7 @@ async fn misroutes_fire_in_alertmanager_and_resolve_when_quiet() {
         "outbound|9080||ratings.bookinfo.svc.cluster.local"
     );
     assert_eq!(labels["verdict"], "misrouted");
+    assert_eq!(labels["cause"], "catch_all");
     assert_eq!(labels["severity"], "critical");
     let annotations = &alert["annotations"];
     assert_eq!(annotations["dialed"], DEST);
@@ -146,6 +147,15 @@ async fn misroutes_fire_in_alertmanager_and_resolve_when_quiet() {
         fix.contains("port 9080") && fix.contains("exportTo"),
         "remediation: {fix}"
     );
+    let description = annotations["description"].as_str().unwrap_or_default();
+    assert!(
+        description.contains("catch-all listener `0.0.0.0_9080`"),
+        "description: {description}"
+    );
+    assert_eq!(
+        annotations["culprit"],
+        "Service bookinfo/ratings: kubectl -n bookinfo get service ratings -o yaml"
+    );
 
     // While the misroute continues, the alert stays (re-sent every second).
     for sequence in 4..=6 {
@@ -162,6 +172,48 @@ async fn misroutes_fire_in_alertmanager_and_resolve_when_quiet() {
         still.len(),
         1,
         "still firing while it continues: {still:#?}"
+    );
+
+    // A policy block warns, with its own cause and words; a redirected
+    // connection (not known to be a pod) pages nobody: it is not pushed.
+    let blocked = ConnectionEvent {
+        cluster_name: "BlackHoleCluster".into(),
+        filter_chain_name: "virtualOutbound-catchall-tcp".into(),
+        intended_service: String::new(),
+        ..event(7, Verdict::Blackholed, "198.51.100.7:443", None)
+    };
+    let external = ConnectionEvent {
+        cluster_name: "outbound|443||api.example.com".into(),
+        ..event(
+            8,
+            Verdict::Redirected,
+            "203.0.113.5:443",
+            Some("203.0.113.6:443"),
+        )
+    };
+    assert_eq!(stream.send_acked(batch(vec![blocked, external])).await, 8);
+    let alerts = wait_for_alerts(&alertmanager, "the policy block warns", |a| {
+        a.iter().any(|a| a["labels"]["verdict"] == "blackholed")
+    })
+    .await;
+    let block = alerts
+        .iter()
+        .find(|a| a["labels"]["verdict"] == "blackholed")
+        .expect("the blackholed alert");
+    assert_eq!(block["labels"]["severity"], "warning");
+    assert_eq!(block["labels"]["cause"], "policy_block");
+    let description = block["annotations"]["description"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        description.contains("REGISTRY_ONLY") && !description.contains("0.0.0.0_"),
+        "description: {description}"
+    );
+    assert!(
+        alerts
+            .iter()
+            .all(|a| a["labels"]["verdict"] != "redirected"),
+        "a redirected connection was pushed: {alerts:#?}"
     );
 
     // Quiet for longer than resolve_after: resolved.

@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use dialguard_collector::finding::{self, Cause};
 use dialguard_collector::store::WriterConfig;
 use dialguard_collector::{Limits, ServeConfig, report, store};
 use dialguard_proto::v1::collector_client::CollectorClient;
@@ -262,6 +263,19 @@ async fn an_unknown_verdict_is_refused() {
     server.stop().await;
 }
 
+/// The words the report gives a row of the default sidecar on the ratings cluster.
+fn explain(cause: Cause, dialed: &str) -> finding::Explanation {
+    finding::Subject {
+        cause,
+        cluster: "outbound|9080||ratings.bookinfo.svc.cluster.local",
+        capturing_service: "ratings.bookinfo.svc.cluster.local",
+        dialed: dialed.parse().expect("dialed address"),
+        source_namespace: "bookinfo",
+        source_workload: "reviews-v1",
+    }
+    .explain()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_report_has_the_documented_shape() {
     let (_dir, db) = temp_db();
@@ -338,7 +352,18 @@ async fn the_report_has_the_documented_shape() {
                     and reached 10.0.3.9:9080 (bookinfo/ratings-v1) through \
                     outbound|9080||ratings.bookinfo.svc.cluster.local, captured by service \
                     ratings.bookinfo.svc.cluster.local",
-                "fix": report::remediation("ratings.bookinfo.svc.cluster.local", 9080, "misrouted"),
+                "fix": finding::remediation("ratings.bookinfo.svc.cluster.local", 9080),
+                "cause": "catch_all",
+                "causeText": explain(Cause::CatchAll, DEST).cause_text,
+                "culprit": {
+                    "kind": "Service",
+                    "namespace": "bookinfo",
+                    "name": "ratings",
+                    "inspect": "kubectl -n bookinfo get service ratings -o yaml",
+                },
+                "wouldClose": 2,
+                "enforced": 0,
+                "sourcePods": ["reviews-v1-7d9f-abcde"],
             },
             {
                 "sourceWorkload": "reviews-v1",
@@ -356,7 +381,18 @@ async fn the_report_has_the_documented_shape() {
                 "summary": "bookinfo/reviews-v1 dialed [fd00::7]:5432 and reached no host through \
                     outbound|9080||ratings.bookinfo.svc.cluster.local, captured by service \
                     ratings.bookinfo.svc.cluster.local",
-                "fix": report::remediation("ratings.bookinfo.svc.cluster.local", 5432, "blackholed"),
+                "fix": explain(Cause::NoEndpoints, "[fd00::7]:5432").fix,
+                "cause": "no_endpoints",
+                "causeText": explain(Cause::NoEndpoints, "[fd00::7]:5432").cause_text,
+                "culprit": {
+                    "kind": "Service",
+                    "namespace": "bookinfo",
+                    "name": "ratings",
+                    "inspect": "kubectl -n bookinfo get endpointslices -l kubernetes.io/service-name=ratings",
+                },
+                "wouldClose": 0,
+                "enforced": 0,
+                "sourcePods": ["reviews-v1-7d9f-abcde"],
             },
         ],
         "droppedEvents": 2,

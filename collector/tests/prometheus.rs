@@ -60,6 +60,17 @@ impl Prometheus {
         data["result"][0]["value"][1].as_str()?.parse().ok()
     }
 
+    /// The alerts firing now (empty while Prometheus is not ready).
+    async fn firing(&self) -> Vec<Value> {
+        self.api("/api/v1/alerts")
+            .await
+            .and_then(|a| a["alerts"].as_array().cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| a["state"] == "firing")
+            .collect()
+    }
+
     /// Polls until `promql` yields `want` (bounded: 60 s).
     async fn wait_for_value(&self, promql: &str, want: f64) {
         for _ in 0..300 {
@@ -84,12 +95,38 @@ async fn prometheus_scrapes_the_metrics_and_the_shipped_rules_fire() {
     let mut client = server.client().await;
     let mut stream = ReportStream::open(&mut client, NODE, "vm-1").await;
 
-    // One misroute first, so the counter has a sample before it grows
-    // (Prometheus' increase() needs two).
+    // One misroute: its series appears with it, so increase() alone (two
+    // samples needed) would never see it; the shipped rule must fire anyway.
     assert_eq!(stream.send_acked(misrouted_batch(1..=1)).await, 1);
-    let misrouted_9080 =
-        r#"sum(dialguard_misrouted_connections_total{verdict="misrouted",port="9080"})"#;
+    let misrouted_9080 = r#"sum(dialguard_misrouted_connections_total{verdict="misrouted",port="9080",cause="catch_all"})"#;
     prometheus.wait_for_value(misrouted_9080, 1.0).await;
+    let mut first = None;
+    for _ in 0..300 {
+        first = prometheus
+            .firing()
+            .await
+            .into_iter()
+            .find(|a| a["labels"]["alertname"] == "DialguardMisrouteDetected");
+        if first.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let first = first.unwrap_or_else(|| {
+        panic!(
+            "the first misroute of a new series never fired DialguardMisrouteDetected; log:\n{}",
+            prometheus.0.output()
+        )
+    });
+    assert_eq!(first["labels"]["cause"], "catch_all", "{first:#}");
+    assert_eq!(first["labels"]["port"], "9080", "{first:#}");
+    let description = first["annotations"]["description"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        description.contains("catch-all listener 0.0.0.0_9080"),
+        "{description}"
+    );
 
     // Two more, one resend, one invalid event.
     let mut bad = misrouted(5);
@@ -122,6 +159,13 @@ async fn prometheus_scrapes_the_metrics_and_the_shipped_rules_fire() {
     prometheus
         .wait_for_value("dialguard_streams_connected", 1.0)
         .await;
+    // The filter was certain of all three: enforce mode would close them.
+    prometheus
+        .wait_for_value(
+            r#"dialguard_would_close_connections_total{source_namespace="bookinfo"}"#,
+            3.0,
+        )
+        .await;
     prometheus
         .wait_for_value("sum(dialguard_commit_duration_seconds_count) > bool 0", 1.0)
         .await;
@@ -129,13 +173,10 @@ async fn prometheus_scrapes_the_metrics_and_the_shipped_rules_fire() {
     // The shipped rules load and the misroute alert fires.
     let mut firing = Vec::new();
     for _ in 0..300 {
-        let alerts = prometheus.api("/api/v1/alerts").await;
-        firing = alerts
-            .as_ref()
-            .and_then(|a| a["alerts"].as_array().cloned())
-            .unwrap_or_default()
+        firing = prometheus
+            .firing()
+            .await
             .into_iter()
-            .filter(|a| a["state"] == "firing")
             .map(|a| {
                 a["labels"]["alertname"]
                     .as_str()

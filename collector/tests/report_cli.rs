@@ -221,7 +221,9 @@ async fn csv_has_the_table_columns_and_parses_back_to_the_json_rows() {
             row.upstream_host.clone().unwrap_or_default(),
             row.cluster.clone(),
             row.capturing_service.clone(),
+            row.cause.label().to_string(),
             row.count.to_string(),
+            row.would_close.to_string(),
             row.first_seen.clone(),
             row.last_seen.clone(),
         ];

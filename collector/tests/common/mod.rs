@@ -138,6 +138,16 @@ impl ServeProcess {
 
     /// [`ServeProcess::start`] with more `serve` flags.
     pub fn start_with_args(db: &Path, args: &[&str]) -> (Self, BufReader<ChildStderr>) {
+        Self::start_with_stdout(db, args, Stdio::null())
+    }
+
+    /// [`ServeProcess::start_with_args`] with its stdout (the alert lines)
+    /// going to `stdout`, e.g. `Stdio::piped()` (then read `child.stdout`).
+    pub fn start_with_stdout(
+        db: &Path,
+        args: &[&str],
+        stdout: Stdio,
+    ) -> (Self, BufReader<ChildStderr>) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dialguard"))
             .args([
                 "serve",
@@ -150,7 +160,7 @@ impl ServeProcess {
             .arg(db)
             .args(args)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .expect("start dialguard serve");
@@ -373,7 +383,8 @@ pub fn event(
         intended_service: "ratings.bookinfo.svc.cluster.local".into(),
         upstream_workload: "ratings-v1;bookinfo;ratings;v1;Kubernetes".into(),
         enforced: false,
-        would_close: false,
+        // The filter is certain only of its own MISROUTED verdicts.
+        would_close: verdict == Verdict::Misrouted,
         judged_open: false,
     }
 }

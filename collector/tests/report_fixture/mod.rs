@@ -76,7 +76,7 @@ fn event(sequence: u64, at_ns: u64, spec: &Spec) -> ConnectionEvent {
         intended_service: spec.capturing_service.into(),
         upstream_workload: spec.upstream_workload.into(),
         enforced: false,
-        would_close: false,
+        would_close: spec.verdict == Verdict::Misrouted,
         judged_open: false,
     }
 }
