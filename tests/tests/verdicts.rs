@@ -456,8 +456,12 @@ fn every_finding_names_its_cause() -> anyhow::Result<()> {
     let blocked = find(unknown)?;
     ensure!(blocked.cause == Cause::PolicyBlock, "{blocked:#?}");
     ensure!(
-        !blocked.fix.contains("catch-all") && blocked.fix.contains("REGISTRY_ONLY"),
-        "a policy block explained as something else: {}",
+        blocked.cause_text.contains("REGISTRY_ONLY")
+            && !blocked.cause_text.contains("catch-all")
+            && !blocked.fix.contains("catch-all")
+            && blocked.fix.contains("ServiceEntry"),
+        "a policy block explained as something else: {} / {}",
+        blocked.cause_text,
         blocked.fix
     );
     for row in report.rows.iter().filter(|r| r.verdict == "redirected") {

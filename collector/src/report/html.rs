@@ -413,20 +413,6 @@ fn cause_groups(report: &Report) -> Vec<CauseGroup<'_>> {
     groups
 }
 
-/// The `snake_case` name the JSON report uses for a cause.
-fn cause_id(cause: Cause) -> &'static str {
-    // Exhaustive on purpose: a new cause must get a name and a title here.
-    match cause {
-        Cause::CatchAll => "catch_all",
-        Cause::PolicyBlock => "policy_block",
-        Cause::NoEndpoints => "no_endpoints",
-        Cause::OwnPodIp => "own_pod_ip",
-        Cause::ProxyLoop => "proxy_loop",
-        Cause::DnsRedirection => "dns_redirection",
-        Cause::Unexplained => "unexplained",
-    }
-}
-
 fn cause_title(cause: Cause) -> &'static str {
     match cause {
         Cause::CatchAll => "A catch-all listener captured connections to pod IPs",
@@ -666,7 +652,7 @@ fn cause_group(page: &mut String, number: usize, group: &CauseGroup<'_>) {
          <div class=\"group-head\">\n<h3><span class=\"badge {worst}\">{worst}</span>{}: <span class=\"subject\">{}</span></h3>\n\
          <p class=\"muted\">{} connections ({misrouted} misrouted, {blackholed} blackholed, {redirected} redirected) \
          from {sources} source workload{}; enforce mode would close {would_close}.</p>\n<dl>",
-        cause_id(group.cause),
+        group.cause.label(),
         escape(kind),
         escape(namespace),
         escape(name),
