@@ -114,6 +114,7 @@ impl Vm {
             istio_version: "1.24.2".into(),
             filter_version: "bench".into(),
             mode: Mode::Audit as i32,
+            ..Hello::default()
         };
         let mut rng = Rng::new((workload as u64) << 32 | index as u64);
         let peer_base = workload as u32 * PEERS;

@@ -196,7 +196,9 @@ impl CollectorService {
         let hello = match first {
             Next::Message(kind) => match *kind {
                 sidecar_message::Kind::Hello(hello) => Arc::new(validate_hello(hello)?),
-                sidecar_message::Kind::Batch(_) => return Err(IngestError::HelloFirst),
+                sidecar_message::Kind::Batch(_) | sidecar_message::Kind::Heartbeat(_) => {
+                    return Err(IngestError::HelloFirst);
+                }
             },
             Next::End => return Ok(()),
             Next::Broken(status) => {
@@ -275,6 +277,8 @@ impl CollectorService {
                         pipeline.push_back(in_flight);
                     }
                     sidecar_message::Kind::Hello(_) => return Err(IngestError::SecondHello),
+                    // Coverage (issue 11) stores these; accepted and not stored yet.
+                    sidecar_message::Kind::Heartbeat(_) => {}
                 },
                 Step::Received(Next::End) => {
                     // Every batch received is acknowledged before the stream closes.

@@ -41,6 +41,10 @@ pub struct FilterConfig {
     /// Differences the operator declares legitimate.
     #[serde(default)]
     pub allow: Vec<AllowRule>,
+    /// The sha256 (hex) the module was pinned with, passed on in the hello
+    /// for the audit trail: Envoy does not tell a module its own hash.
+    #[serde(default)]
+    pub module_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -60,6 +64,11 @@ pub struct CollectorConfig {
     /// Most encoded bytes kept awaiting acknowledgement.
     #[serde(default = "default_max_buffered_bytes")]
     pub max_buffered_bytes: usize,
+    /// How often the VM tells the collector it runs, with its counters
+    /// (jittered by up to a tenth either way). Three missed intervals make
+    /// it stale in the collector's coverage.
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
 }
 
 /// A legitimate difference. Every condition given must hold; at least one is required.
@@ -134,6 +143,9 @@ fn default_max_buffered_events() -> usize {
 }
 fn default_max_buffered_bytes() -> usize {
     4 << 20
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    60_000
 }
 
 /// A configuration the filter refuses, with the JSON path of the offending field.
@@ -217,6 +229,23 @@ impl FilterConfig {
                 "collector.maxBufferedBytes",
                 format!("expected 4096 to 268435456, got {}", c.max_buffered_bytes),
             );
+        }
+        if !(1_000..=3_600_000).contains(&c.heartbeat_interval_ms) {
+            return fail(
+                "collector.heartbeatIntervalMs",
+                format!(
+                    "expected 1000 to 3600000 milliseconds, got {}",
+                    c.heartbeat_interval_ms
+                ),
+            );
+        }
+        if let Some(sha) = &self.module_sha256 {
+            if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return fail(
+                    "moduleSha256",
+                    format!("expected 64 hexadecimal digits, got {sha:?}"),
+                );
+            }
         }
         if self.mode == Mode::Enforce && self.pod_cidrs.is_empty() {
             // Without pod ranges no difference is certain, and enforce must

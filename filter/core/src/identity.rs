@@ -1,6 +1,6 @@
 //! Who this sidecar is, from Envoy's node (Istio fills its metadata).
 
-use dialguard_proto::v1::{Hello, Mode as WireMode};
+use dialguard_proto::v1::{Build, Hello, Mode as WireMode};
 
 use crate::{FilterConfig, Mode};
 
@@ -11,8 +11,14 @@ pub trait NodeFacts {
     fn metadata(&mut self, key: &str) -> Option<String>;
 }
 
-/// The stream's first message for this VM.
-pub fn hello(node: &mut impl NodeFacts, vm_instance: String, config: &FilterConfig) -> Hello {
+/// The first message of each of this VM's streams; `build` is the module's
+/// (audit or enforce), known only where it was compiled.
+pub fn hello(
+    node: &mut impl NodeFacts,
+    vm_instance: String,
+    config: &FilterConfig,
+    build: Build,
+) -> Hello {
     let mut meta = |key| node.metadata(key).unwrap_or_default();
     let pod_name = meta("NAME");
     let namespace = meta("NAMESPACE");
@@ -40,5 +46,13 @@ pub fn hello(node: &mut impl NodeFacts, vm_instance: String, config: &FilterConf
             Mode::Enforce => WireMode::Enforce,
         }
         .into(),
+        build: build.into(),
+        module_sha256: config
+            .module_sha256
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_default(),
+        heartbeat_interval_ms: u32::try_from(config.collector.heartbeat_interval_ms)
+            .unwrap_or(u32::MAX),
     }
 }

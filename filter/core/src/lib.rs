@@ -26,4 +26,4 @@ pub use outbox::{Outbox, OutboxLimits};
 pub use upstreams::UpstreamMemory;
 pub use verdict::{ConnectionFacts, JudgePoint, Judgement, Outcome, judge};
 
-pub use dialguard_proto::v1::Verdict;
+pub use dialguard_proto::v1::{Build, Verdict};

@@ -3,7 +3,7 @@
 //! the root they were created under.
 
 use dialguard_filter_core::{
-    FilterConfig, MetadataCache, Mode, Outbox, OutboxLimits, UpstreamMemory, hello,
+    Build, FilterConfig, MetadataCache, Mode, Outbox, OutboxLimits, UpstreamMemory, hello,
 };
 
 use crate::abi::{self, Buffer, LogLevel};
@@ -54,7 +54,12 @@ impl Root {
             );
             return None;
         }
-        let hello = hello(&mut EnvoyNode, vm_instance(), &config);
+        let build = if cfg!(feature = "enforce") {
+            Build::Enforce
+        } else {
+            Build::Audit
+        };
+        let hello = hello(&mut EnvoyNode, vm_instance(), &config, build);
         let flush_ms = config.collector.flush_interval_ms;
         let tick_ms = flush_ms.min(MAX_JUDGE_PERIOD_MS);
         let _ = abi::set_tick_period_ms(u32::try_from(tick_ms).unwrap_or(u32::MAX));
