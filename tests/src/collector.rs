@@ -23,6 +23,8 @@ pub struct Collector {
     /// The served module's SHA-256, with `--module`.
     pub module_sha256: Option<String>,
     binary: PathBuf,
+    /// Flags given to `serve` beyond the harness's own, kept for restarts.
+    extra: Vec<String>,
 }
 
 fn field(line: &str, key: &str) -> Option<SocketAddr> {
@@ -60,12 +62,36 @@ impl Collector {
         Self::start_at(binary, db, grpc, module, echo_log)
     }
 
+    /// [`Collector::start`] with more `serve` flags (e.g. `--expect-namespace app`).
+    pub fn start_with_flags(
+        binary: &Path,
+        db: &Path,
+        module: Option<&Path>,
+        flags: &[&str],
+        echo_log: bool,
+    ) -> anyhow::Result<Self> {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], port_outside_ephemeral_range()?));
+        let flags: Vec<String> = flags.iter().map(|f| (*f).to_owned()).collect();
+        Self::start_full(binary, db, grpc, module, &flags, echo_log)
+    }
+
     /// `dialguard serve` with its gRPC listener on `grpc` (port 0: any).
     pub fn start_at(
         binary: &Path,
         db: &Path,
         grpc: SocketAddr,
         module: Option<&Path>,
+        echo_log: bool,
+    ) -> anyhow::Result<Self> {
+        Self::start_full(binary, db, grpc, module, &[], echo_log)
+    }
+
+    fn start_full(
+        binary: &Path,
+        db: &Path,
+        grpc: SocketAddr,
+        module: Option<&Path>,
+        extra: &[String],
         echo_log: bool,
     ) -> anyhow::Result<Self> {
         let echo_log = echo_log || std::env::var_os("DIALGUARD_TEST_ECHO").is_some();
@@ -87,6 +113,7 @@ impl Collector {
         if let Some(module) = module {
             command.arg("--module").arg(module);
         }
+        command.args(extra);
         let mut process = ChildGuard::spawn("dialguard serve", piped(&mut command))?;
         let stderr = process
             .child_mut()
@@ -125,6 +152,7 @@ impl Collector {
             alerts,
             module_sha256,
             binary: binary.to_owned(),
+            extra: extra.to_vec(),
         })
     }
 
@@ -140,7 +168,7 @@ impl Collector {
         let grpc = self.grpc;
         // The kernel may hold the port a moment after the kill.
         let started = crate::wait_for(std::time::Duration::from_secs(10), || {
-            Self::start_at(&self.binary, &self.db, grpc, None, echo_log).ok()
+            Self::start_full(&self.binary, &self.db, grpc, None, &self.extra, echo_log).ok()
         });
         *self = started.context("the collector did not restart on its port")?;
         Ok(())
@@ -157,6 +185,16 @@ impl Collector {
 
     /// `dialguard report --db DB --format json`, parsed.
     pub fn report(&self) -> anyhow::Result<Report> {
+        serde_json::from_slice(&self.report_bytes()?).context("parsing the JSON report")
+    }
+
+    /// The same report as JSON (for what the report type does not model,
+    /// e.g. `coverage`).
+    pub fn report_json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_slice(&self.report_bytes()?).context("parsing the JSON report")
+    }
+
+    fn report_bytes(&self) -> anyhow::Result<Vec<u8>> {
         let output = Command::new(&self.binary)
             .args(["report", "--format", "json", "--db"])
             .arg(&self.db)
@@ -167,7 +205,7 @@ impl Collector {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        serde_json::from_slice(&output.stdout).context("parsing the JSON report")
+        Ok(output.stdout)
     }
 
     /// `dialguard report --db DB --format table`, as printed.

@@ -59,6 +59,8 @@ impl Wiring for Loopback {
 pub struct Incident<W = Loopback> {
     // Dropped in this order: Envoy first, so it does not log the collector's
     // exit; the processes and servers before the network they live in.
+    /// The peer manager pod's sidecar, when started ([`Incident::start_peer_sidecar`]).
+    pub peer_sidecar: Option<Envoy>,
     pub envoy: Envoy,
     pub pods: Vec<PodServer>,
     pub collector: Collector,
@@ -141,9 +143,37 @@ impl Incident {
         Self::start_configured(dist, serve_module, echo, install, |_, _| Ok(()))
     }
 
+    /// [`Incident::start_installed`] with more `dialguard serve` flags.
+    pub fn start_with_collector_flags(
+        dist: &Dist,
+        serve_module: bool,
+        collector_flags: &[&str],
+        install: impl FnOnce(&Collector) -> anyhow::Result<Install>,
+    ) -> anyhow::Result<Self> {
+        Self::start_full(
+            dist,
+            serve_module,
+            collector_flags,
+            false,
+            install,
+            |_, _| Ok(()),
+        )
+    }
+
     fn start_configured(
         dist: &Dist,
         serve_module: bool,
+        echo: bool,
+        install: impl FnOnce(&Collector) -> anyhow::Result<Install>,
+        adjust: impl FnOnce(&mut serde_json::Value, &std::path::Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
+        Self::start_full(dist, serve_module, &[], echo, install, adjust)
+    }
+
+    fn start_full(
+        dist: &Dist,
+        serve_module: bool,
+        collector_flags: &[&str],
         echo: bool,
         install: impl FnOnce(&Collector) -> anyhow::Result<Install>,
         adjust: impl FnOnce(&mut serde_json::Value, &std::path::Path) -> anyhow::Result<()>,
@@ -153,10 +183,11 @@ impl Incident {
         let dir = tempfile::Builder::new().prefix("dialguard-e2e").tempdir()?;
         let layout = Layout::choose()?;
         let module = serve_module.then_some(dist.module.as_path());
-        let collector = Collector::start(
+        let collector = Collector::start_with_flags(
             &dist.dialguard,
             &dir.path().join("dialguard.db"),
             module,
+            collector_flags,
             echo,
         )?;
         let pods = layout
@@ -171,11 +202,43 @@ impl Incident {
         Ok(Self {
             layout,
             collector,
+            peer_sidecar: None,
             envoy,
             pods,
             wiring: Loopback,
             dir,
         })
+    }
+}
+
+impl Incident {
+    /// Starts the peer manager pod's sidecar: the same listeners (istiod
+    /// gives both replicas one configuration), its own identity and IP, and
+    /// dialguard installed as `install`. The application in the peer pod
+    /// dials through it with [`Incident::dial_from_peer`].
+    pub fn start_peer_sidecar(&mut self, dist: &Dist, install: &Install) -> anyhow::Result<()> {
+        let dir = self.dir.path().join("peer-sidecar");
+        std::fs::create_dir_all(&dir)?;
+        let access_log = dir.join("access.log");
+        let bootstrap = sidecar::bootstrap(&self.layout.as_peer(), install, &access_log);
+        let echo = std::env::var_os("DIALGUARD_TEST_ECHO").is_some();
+        self.peer_sidecar = Some(Envoy::start(
+            &dist.envoy,
+            echo,
+            &bootstrap,
+            &dir,
+            access_log,
+        )?);
+        Ok(())
+    }
+
+    /// The application in the peer pod dials `dialed` through its sidecar.
+    pub fn dial_from_peer(&self, dialed: SocketAddr) -> anyhow::Result<Outcome> {
+        let sidecar = self
+            .peer_sidecar
+            .as_ref()
+            .context("the peer sidecar was not started")?;
+        client::dial(sidecar.outbound, IpAddr::V4(self.layout.peer_pod), dialed)
     }
 }
 

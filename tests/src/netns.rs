@@ -350,6 +350,7 @@ impl Incident<PodNetwork> {
             )
         })?;
         Ok(Self {
+            peer_sidecar: None,
             envoy,
             pods,
             collector,

@@ -47,6 +47,8 @@ pub struct Layout {
     pub external_db: Ipv4Addr,
     /// The manager pod whose sidecar this is.
     pub own_pod: Ipv4Addr,
+    /// Its name (Kubernetes' `<deployment>-<hash>-<suffix>`).
+    pub own_pod_name: &'static str,
     /// The other manager pod, which Hazelcast dials directly.
     pub peer_pod: Ipv4Addr,
     /// The `idle` pod behind `idle.manager.svc.cluster.local`.
@@ -76,6 +78,7 @@ impl Layout {
             dns_port: 0,
             external_db: Ipv4Addr::new(127, 0, 3, 10),
             own_pod: Ipv4Addr::new(127, 0, 1, 6),
+            own_pod_name: MANAGER_POD,
             peer_pod: Ipv4Addr::new(127, 0, 1, 7),
             idle_pod: Ipv4Addr::new(127, 0, 1, 9),
             app_pods: [Ipv4Addr::new(127, 0, 2, 4), Ipv4Addr::new(127, 0, 2, 5)],
@@ -113,6 +116,7 @@ impl Layout {
             dns_port: 27017,
             external_db: Ipv4Addr::new(192, 0, 2, 10),
             own_pod: Ipv4Addr::new(10, 244, 1, 6),
+            own_pod_name: MANAGER_POD,
             peer_pod: Ipv4Addr::new(10, 244, 1, 7),
             idle_pod: Ipv4Addr::new(10, 244, 1, 9),
             app_pods: [Ipv4Addr::new(10, 244, 2, 4), Ipv4Addr::new(10, 244, 2, 5)],
@@ -130,6 +134,22 @@ impl Layout {
                 Ipv4Addr::new(10, 244, 4, 2),
                 Ipv4Addr::new(10, 244, 4, 3),
             ],
+        }
+    }
+
+    /// The same incident seen from the other manager pod: its sidecar has
+    /// the same listeners (istiod gives both replicas one configuration),
+    /// and its own IP is the peer's.
+    pub fn as_peer(&self) -> Self {
+        Self {
+            own_pod: self.peer_pod,
+            peer_pod: self.own_pod,
+            own_pod_name: if self.own_pod_name == MANAGER_POD {
+                PEER_POD
+            } else {
+                MANAGER_POD
+            },
+            ..self.clone()
         }
     }
 
@@ -580,8 +600,12 @@ fn app_ext_cluster(layout: &Layout) -> Value {
     cluster
 }
 
-pub fn pod_identity(_layout: &Layout) -> &'static str {
-    "manager-7948c8d9f-sh7rx"
+/// The manager pods' names: the sidecar's own, and the peer's.
+pub const MANAGER_POD: &str = "manager-7948c8d9f-sh7rx";
+pub const PEER_POD: &str = "manager-7948c8d9f-x2k9p";
+
+pub fn pod_identity(layout: &Layout) -> &'static str {
+    layout.own_pod_name
 }
 
 /// The sidecar's listeners served from a file (file-based LDS) instead of
@@ -727,6 +751,16 @@ impl Envoy {
             access_log,
             log,
         })
+    }
+
+    /// Waits until Envoy refused a remotely fetched module (its sha256 did
+    /// not match); false if it did not within 20 s.
+    pub fn module_rejected(&self) -> bool {
+        crate::wait_for(Duration::from_secs(20), || {
+            let counters = self.counters("wasm.remote_load").ok()?;
+            (counters.get("wasm.remote_load_fetch_failures") >= Some(&1)).then_some(())
+        })
+        .is_some()
     }
 
     /// Counter values whose names contain `filter`, from `/stats?format=json`.

@@ -12,6 +12,7 @@
 
 mod addr;
 mod config;
+mod heartbeat;
 mod identity;
 mod metadata;
 mod outbox;
@@ -20,6 +21,7 @@ mod verdict;
 
 pub use addr::{AddrParseError, OrigDst, UpstreamHost, parse_envoy_address};
 pub use config::{AllowRule, Cidr, CollectorConfig, ConfigError, FilterConfig, Mode};
+pub use heartbeat::{HeartbeatClock, Tally};
 pub use identity::{NodeFacts, hello};
 pub use metadata::MetadataCache;
 pub use outbox::{Outbox, OutboxLimits};

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 
-use dialguard_proto::v1::{ConnectionEvent, EventBatch};
+use dialguard_proto::v1::{ConnectionEvent, DeliveryCounters, EventBatch};
 use prost::Message;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,9 @@ pub struct Outbox {
     highest_sent: u64,
     dropped_total: u64,
     resent_total: u64,
+    sent_total: u64,
+    acked_total: u64,
+    rejected_total: u64,
 }
 
 impl Outbox {
@@ -50,6 +53,9 @@ impl Outbox {
             highest_sent: 0,
             dropped_total: 0,
             resent_total: 0,
+            sent_total: 0,
+            acked_total: 0,
+            rejected_total: 0,
         }
     }
 
@@ -87,6 +93,7 @@ impl Outbox {
         let highest_sent = self.highest_sent;
         self.resent_total += events.iter().filter(|e| e.sequence <= highest_sent).count() as u64;
         self.highest_sent = self.highest_sent.max(self.sent_through);
+        self.sent_total += events.len() as u64;
         Some(EventBatch {
             events,
             dropped_total: self.dropped_total,
@@ -101,6 +108,23 @@ impl Outbox {
             }
             self.bytes -= *size;
             self.queue.pop_front();
+            self.acked_total += 1;
+        }
+    }
+
+    /// The collector refused `n` of the acknowledged events (its ack lists them).
+    pub fn rejected(&mut self, n: u64) {
+        self.rejected_total += n;
+    }
+
+    /// Sent, acknowledged, resent, dropped and rejected events since the VM started.
+    pub fn delivery_counters(&self) -> DeliveryCounters {
+        DeliveryCounters {
+            sent: self.sent_total,
+            acked: self.acked_total,
+            resent: self.resent_total,
+            dropped: self.dropped_total,
+            rejected: self.rejected_total,
         }
     }
 

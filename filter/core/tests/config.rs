@@ -28,6 +28,8 @@ fn everything_but_the_collector_cluster_has_a_default() {
     let config = FilterConfig::from_json(br#"{ "collector": { "cluster": "c" } }"#).expect("valid");
     assert_eq!(config.mode, Mode::Audit);
     assert_eq!(config.collector.flush_interval_ms, 200);
+    assert_eq!(config.collector.heartbeat_interval_ms, 60_000);
+    assert_eq!(config.module_sha256, None);
     assert!(config.is_service_vip("10.96.0.1".parse().expect("ip")));
     assert!(!config.is_service_vip("10.244.1.1".parse().expect("ip")));
     assert!(config.allow.is_empty());
@@ -75,6 +77,21 @@ fn every_mistake_names_its_field() {
             r#"{ "collector": { "cluster": "c", "flushIntervalMs": "fast" } }"#,
             "collector.flushIntervalMs",
             "expected u64",
+        ),
+        (
+            r#"{ "collector": { "cluster": "c", "heartbeatIntervalMs": 999 } }"#,
+            "collector.heartbeatIntervalMs",
+            "1000 to 3600000",
+        ),
+        (
+            r#"{ "collector": { "cluster": "c", "heartbeatIntervalMs": 3600001 } }"#,
+            "collector.heartbeatIntervalMs",
+            "1000 to 3600000",
+        ),
+        (
+            r#"{ "collector": { "cluster": "c" }, "moduleSha256": "abc" }"#,
+            "moduleSha256",
+            "64 hexadecimal digits",
         ),
         (
             r#"{ "collector": { "cluster": "c", "maxBatchEvents": 0 } }"#,

@@ -58,6 +58,7 @@ unsafe extern "C" {
         end_stream: u32,
     ) -> u32;
     fn proxy_grpc_cancel(token: u32) -> u32;
+    fn proxy_grpc_close(token: u32) -> u32;
     fn proxy_define_metric(
         metric_type: u32,
         name_data: *const u8,
@@ -208,6 +209,13 @@ pub fn grpc_send(token: u32, message: &[u8]) -> Result<(), Status> {
 pub fn grpc_cancel(token: u32) -> Result<(), Status> {
     // SAFETY: plain value.
     check(unsafe { proxy_grpc_cancel(token) })
+}
+
+/// Ends our side of a stream (half-close); the collector answers with its
+/// status once it stored what it received.
+pub fn grpc_close(token: u32) -> Result<(), Status> {
+    // SAFETY: plain value.
+    check(unsafe { proxy_grpc_close(token) })
 }
 
 pub fn define_counter(name: &str) -> Result<u32, Status> {

@@ -27,11 +27,13 @@ pub fn judge_and_record(root: &mut Root, at: JudgePoint) -> Judged {
         Outcome::NotYet => return Judged::NotYet,
         Outcome::Unjudged => {
             metrics::add(root.metrics.unjudged, 1);
+            root.tally.unjudged();
             return Judged::Done { close: false };
         }
         Outcome::Judged(judgement) => judgement,
     };
     metrics::add(root.metrics.verdict(judgement.verdict), 1);
+    root.tally.judged(judgement.verdict);
     // At the end there is nothing left to close.
     let enforced =
         at == JudgePoint::Open && root.config.mode == Mode::Enforce && judgement.would_close();
@@ -52,6 +54,7 @@ pub fn judge_and_record(root: &mut Root, at: JudgePoint) -> Judged {
     }
     if enforced {
         metrics::add(root.metrics.enforced, 1);
+        root.tally.enforced();
     }
     Judged::Done { close: enforced }
 }

@@ -1,37 +1,56 @@
-//! The VM's gRPC stream to the collector: opened lazily when events wait,
-//! `Hello` first, then batches; acknowledged events leave the outbox, and a
-//! closed stream rewinds it so unacknowledged events are sent again.
+//! The root's streams to the collector. Each stream starts with `Hello` and
+//! a `Heartbeat`, then carries batches (and heartbeats while it lasts).
+//! A stream is opened when the VM starts, when a heartbeat is due and when
+//! events wait; once everything sent is acknowledged and nothing was sent
+//! for [`LINGER_NANOS`], the VM ends its side and the collector closes the
+//! stream with OK. An idle VM thus costs the collector no open stream, only
+//! a heartbeat now and then. Acknowledged events leave the outbox; a stream
+//! that fails rewinds it, so unacknowledged events are sent again.
 //!
 //! Everything runs on the root context's timer, never on a connection's path.
 
-use dialguard_filter_core::CollectorConfig;
+use dialguard_filter_core::{CollectorConfig, HeartbeatClock, Outbox, Tally};
 use dialguard_proto::v1::{
     CollectorMessage, Hello, SidecarMessage, collector_message, sidecar_message,
 };
 use prost::Message;
 
-use dialguard_filter_core::Outbox;
-
 use crate::abi::{self, Buffer, LogLevel};
-use crate::host::now_unix_nanos;
 use crate::metrics::{self, Metrics};
 
 const SERVICE: &str = "dialguard.v1.Collector";
 const METHOD: &str = "Report";
 const MAX_BACKOFF_NANOS: u64 = 30_000_000_000;
+/// How long a stream stays open after its last batch once everything is
+/// acknowledged: a VM that reports now and then keeps one stream, not one
+/// per flush.
+const LINGER_NANOS: u64 = 5_000_000_000;
+/// gRPC status OK.
+const OK: u32 = 0;
 
 #[derive(Debug)]
 pub struct Delivery {
     cluster: String,
     hello: Vec<u8>,
     flush_interval_nanos: u64,
-    stream: Option<u32>,
+    stream: Option<Stream>,
+    /// A stream whose side we ended, awaiting the collector's status.
+    closing: Option<u32>,
     consecutive_failures: u32,
     retry_at_nanos: u64,
+    heartbeat: HeartbeatClock,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    token: u32,
+    /// When a batch last went out on it (0: none yet).
+    last_batch_nanos: u64,
 }
 
 impl Delivery {
-    pub fn new(collector: &CollectorConfig, hello: Hello) -> Self {
+    /// `seed` spreads the heartbeats of VMs started together.
+    pub fn new(collector: &CollectorConfig, hello: Hello, seed: u64) -> Self {
         let hello = SidecarMessage {
             kind: Some(sidecar_message::Kind::Hello(hello)),
         };
@@ -40,39 +59,77 @@ impl Delivery {
             hello: hello.encode_to_vec(),
             flush_interval_nanos: collector.flush_interval_ms.saturating_mul(1_000_000),
             stream: None,
+            closing: None,
             consecutive_failures: 0,
             retry_at_nanos: 0,
+            heartbeat: HeartbeatClock::new(collector.heartbeat_interval_ms, seed),
         }
     }
 
-    /// Sends every batch not yet sent on the current stream.
-    pub fn flush(&mut self, outbox: &mut Outbox, metrics: &Metrics) {
-        if !outbox.has_unsent() {
-            return;
+    /// Sends a heartbeat when due and, with `flush`, every batch not yet
+    /// sent; then ends an idle stream.
+    pub fn on_tick(
+        &mut self,
+        now: u64,
+        flush: bool,
+        outbox: &mut Outbox,
+        tally: &Tally,
+        metrics: &Metrics,
+    ) {
+        let heartbeat_due = self.heartbeat.is_due(now);
+        let batches_due = flush && outbox.has_unsent();
+        if heartbeat_due || batches_due {
+            self.send(now, heartbeat_due, outbox, tally, metrics);
         }
-        let token = match self.stream {
-            Some(token) => token,
-            None if now_unix_nanos() < self.retry_at_nanos => return,
+        self.end_if_idle(now, outbox);
+    }
+
+    fn send(
+        &mut self,
+        now: u64,
+        heartbeat_due: bool,
+        outbox: &mut Outbox,
+        tally: &Tally,
+        metrics: &Metrics,
+    ) {
+        let (token, opened) = match self.stream {
+            Some(stream) => (stream.token, false),
+            None if now < self.retry_at_nanos => return,
             None => match self.open() {
-                Some(token) => token,
-                None => return self.failed(metrics),
+                Some(token) => (token, true),
+                None => return self.failed(now, metrics),
             },
         };
+        // A new stream always starts with a heartbeat after its hello, so
+        // the collector learns the counters with the identity.
+        if heartbeat_due || opened {
+            let message = SidecarMessage {
+                kind: Some(sidecar_message::Kind::Heartbeat(tally.heartbeat(outbox))),
+            };
+            if abi::grpc_send(token, &message.encode_to_vec()).is_err() {
+                return self.broken(token, now, outbox, metrics);
+            }
+            self.heartbeat.sent(now);
+        }
         let resent_before = outbox.resent_total();
+        let mut sent_batch = false;
         while let Some(batch) = outbox.take_batch() {
             let count = batch.events.len() as u64;
             let message = SidecarMessage {
                 kind: Some(sidecar_message::Kind::Batch(batch)),
             };
             if abi::grpc_send(token, &message.encode_to_vec()).is_err() {
-                let _ = abi::grpc_cancel(token);
-                self.stream = None;
-                outbox.rewind();
-                return self.failed(metrics);
+                return self.broken(token, now, outbox, metrics);
             }
             metrics::add(metrics.events_sent, count);
+            sent_batch = true;
         }
         metrics::add(metrics.events_resent, outbox.resent_total() - resent_before);
+        if sent_batch {
+            if let Some(stream) = &mut self.stream {
+                stream.last_batch_nanos = now;
+            }
+        }
     }
 
     fn open(&mut self) -> Option<u32> {
@@ -81,12 +138,40 @@ impl Delivery {
             let _ = abi::grpc_cancel(token);
             return None;
         }
-        self.stream = Some(token);
+        self.stream = Some(Stream {
+            token,
+            last_batch_nanos: 0,
+        });
         Some(token)
     }
 
+    /// Everything sent is acknowledged and nothing went out for a while:
+    /// end our side; the collector closes the stream with its status.
+    fn end_if_idle(&mut self, now: u64, outbox: &Outbox) {
+        let Some(stream) = self.stream else {
+            return;
+        };
+        if !outbox.is_empty() || now.saturating_sub(stream.last_batch_nanos) < LINGER_NANOS {
+            return;
+        }
+        self.stream = None;
+        if abi::grpc_close(stream.token).is_ok() {
+            self.closing = Some(stream.token);
+        } else {
+            let _ = abi::grpc_cancel(stream.token);
+        }
+    }
+
+    fn broken(&mut self, token: u32, now: u64, outbox: &mut Outbox, metrics: &Metrics) {
+        let _ = abi::grpc_cancel(token);
+        self.stream = None;
+        outbox.rewind();
+        self.heartbeat.failed();
+        self.failed(now, metrics);
+    }
+
     pub fn on_message(&mut self, token: u32, size: usize, outbox: &mut Outbox, metrics: &Metrics) {
-        if self.stream != Some(token) {
+        if self.stream.map(|s| s.token) != Some(token) {
             return;
         }
         let Ok(bytes) = abi::buffer(Buffer::GrpcReceive, size) else {
@@ -101,6 +186,7 @@ impl Delivery {
                 metrics::add(metrics.events_acked, (before - outbox.len()) as u64);
                 self.consecutive_failures = 0;
                 if let Some(first) = ack.rejected.first() {
+                    outbox.rejected(ack.rejected.len() as u64);
                     metrics::add(metrics.events_rejected, ack.rejected.len() as u64);
                     abi::log(
                         LogLevel::Warn,
@@ -121,12 +207,39 @@ impl Delivery {
         }
     }
 
-    pub fn on_close(&mut self, token: u32, status: u32, outbox: &mut Outbox, metrics: &Metrics) {
-        if self.stream != Some(token) {
+    pub fn on_close(
+        &mut self,
+        token: u32,
+        status: u32,
+        now: u64,
+        outbox: &mut Outbox,
+        metrics: &Metrics,
+    ) {
+        if self.closing == Some(token) {
+            // Our side was ended with everything acknowledged: OK means the
+            // heartbeat was stored too; anything else, send it again.
+            self.closing = None;
+            if status == OK {
+                self.consecutive_failures = 0;
+            } else {
+                abi::log(
+                    LogLevel::Warn,
+                    &format!(
+                        "dialguard: collector stream on cluster {} ended with gRPC status {status}; the heartbeat will be sent again",
+                        self.cluster
+                    ),
+                );
+                self.heartbeat.failed();
+                self.failed(now, metrics);
+            }
+            return;
+        }
+        if self.stream.map(|s| s.token) != Some(token) {
             return;
         }
         self.stream = None;
         outbox.rewind();
+        self.heartbeat.failed();
         abi::log(
             LogLevel::Warn,
             &format!(
@@ -135,12 +248,12 @@ impl Delivery {
                 outbox.len()
             ),
         );
-        self.failed(metrics);
+        self.failed(now, metrics);
     }
 
     /// Exponential backoff from the flush interval up to 30 s, with jitter
     /// from the clock so a mesh of sidecars does not reconnect in step.
-    fn failed(&mut self, metrics: &Metrics) {
+    fn failed(&mut self, now: u64, metrics: &Metrics) {
         metrics::add(metrics.stream_failures, 1);
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         let exponent = self.consecutive_failures.min(16);
@@ -148,7 +261,6 @@ impl Delivery {
             .flush_interval_nanos
             .saturating_mul(1 << exponent)
             .min(MAX_BACKOFF_NANOS);
-        let now = now_unix_nanos();
         let jitter = now % (backoff / 2).max(1);
         self.retry_at_nanos = now.saturating_add(backoff / 2 + jitter);
     }

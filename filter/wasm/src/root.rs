@@ -3,12 +3,12 @@
 //! the root they were created under.
 
 use dialguard_filter_core::{
-    Build, FilterConfig, MetadataCache, Mode, Outbox, OutboxLimits, UpstreamMemory, hello,
+    Build, FilterConfig, MetadataCache, Mode, Outbox, OutboxLimits, Tally, UpstreamMemory, hello,
 };
 
 use crate::abi::{self, Buffer, LogLevel};
 use crate::delivery::Delivery;
-use crate::host::{EnvoyNode, vm_instance};
+use crate::host::{EnvoyNode, now_unix_nanos, vm_instance};
 use crate::metrics::Metrics;
 
 /// (cluster, upstream host) pairs each root remembers: about 40 bytes each.
@@ -28,6 +28,8 @@ pub struct Root {
     pub upstreams: UpstreamMemory,
     pub metadata: MetadataCache,
     pub metrics: Metrics,
+    /// Connections judged, per verdict: what heartbeats carry.
+    pub tally: Tally,
     pub delivery: Delivery,
     /// Timer ticks per flush of the outbox (the tick also judges open connections).
     ticks_per_flush: u64,
@@ -59,7 +61,14 @@ impl Root {
         } else {
             Build::Audit
         };
-        let hello = hello(&mut EnvoyNode, vm_instance(), &config, build);
+        let vm_instance = vm_instance();
+        // FNV-1a of the instance name: differs between VMs started together.
+        let seed = vm_instance
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+                (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+            });
+        let hello = hello(&mut EnvoyNode, vm_instance, &config, build);
         let flush_ms = config.collector.flush_interval_ms;
         let tick_ms = flush_ms.min(MAX_JUDGE_PERIOD_MS);
         let _ = abi::set_tick_period_ms(u32::try_from(tick_ms).unwrap_or(u32::MAX));
@@ -68,19 +77,26 @@ impl Root {
             upstreams: UpstreamMemory::new(UPSTREAM_MEMORY_ENTRIES),
             metadata: MetadataCache::new(METADATA_ENTRIES),
             metrics: Metrics::define(),
-            delivery: Delivery::new(&config.collector, hello),
+            tally: Tally::default(),
+            delivery: Delivery::new(&config.collector, hello, seed),
             ticks_per_flush: flush_ms.div_ceil(tick_ms.max(1)).max(1),
             ticks: 0,
             config,
         })
     }
 
-    /// The root's timer, after the open connections were judged.
+    /// The root's timer, after the open connections were judged: the
+    /// heartbeat when due (the first tick says hello), batches every flush.
     pub fn on_tick(&mut self) {
         self.ticks += 1;
-        if self.ticks % self.ticks_per_flush == 0 {
-            self.delivery.flush(&mut self.outbox, &self.metrics);
-        }
+        let flush = self.ticks % self.ticks_per_flush == 0;
+        self.delivery.on_tick(
+            now_unix_nanos(),
+            flush,
+            &mut self.outbox,
+            &self.tally,
+            &self.metrics,
+        );
     }
 
     pub fn on_grpc_receive(&mut self, token: u32, size: usize) {
@@ -89,7 +105,12 @@ impl Root {
     }
 
     pub fn on_grpc_close(&mut self, token: u32, status: u32) {
-        self.delivery
-            .on_close(token, status, &mut self.outbox, &self.metrics);
+        self.delivery.on_close(
+            token,
+            status,
+            now_unix_nanos(),
+            &mut self.outbox,
+            &self.metrics,
+        );
     }
 }

@@ -10,11 +10,19 @@ use dialguard_tests::incident::Incident;
 fn main() -> anyhow::Result<()> {
     let dist = Dist::locate()?;
     println!(
-        "Starting the collector, the manager pod's sidecar (Envoy 1.40 + dialguard) and the pods..."
+        "Starting the collector, the manager pods' sidecars (Envoy 1.40 + dialguard) and the pods..."
     );
     let verbose = std::env::args().any(|a| a == "--verbose");
     let mut incident = Incident::start(&dist, verbose)?;
     let l = incident.layout.clone();
+    // The peer pod runs dialguard too: its filter says hello when it starts,
+    // so the report can name the pod the misrouted connections were meant for.
+    let install = dialguard_tests::sidecar::Install::local(
+        &dist.module,
+        &dialguard_tests::sidecar::filter_config(),
+        incident.collector.grpc,
+    );
+    incident.start_peer_sidecar(&dist, &install)?;
     let (peer, idle, own) = (l.at(l.peer_pod), l.at(l.idle_pod), l.at(l.own_pod));
     println!(
         "\nThe sidecar has a catch-all listener 0.0.0.0_{} (from the ExternalName Service app-ext) whose default chain goes to {}.",
