@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
         options.variants = cli
             .variants
             .iter()
-            .map(|n| Variant::from_number(*n).with_context(|| format!("no variant ({n}): 1 to 5")))
+            .map(|n| Variant::from_number(*n).with_context(|| format!("no variant ({n}): 1 to 6")))
             .collect::<anyhow::Result<_>>()?;
     }
     match cli.system_connections {

@@ -203,6 +203,9 @@ pub struct Results {
     pub system: Option<SystemView>,
     pub memory: Option<Memory>,
     pub long_lived: Vec<LongLived>,
+    /// (1) measured again after the other variants: the machine's drift
+    /// during the run (Envoy's timers scale with wall time).
+    pub plain_again: Option<VariantResult>,
 }
 
 /// Where the events and log entries go.
@@ -626,7 +629,12 @@ pub fn run(parts: &Parts, options: &Options) -> anyhow::Result<Results> {
     let servers = Servers::start(&topology)?;
     let needs_collector = variants
         .iter()
-        .any(|v| matches!(v, Variant::DialguardAudit | Variant::DialguardMisrouted))
+        .any(|v| {
+            matches!(
+                v,
+                Variant::DialguardAudit | Variant::DialguardMisrouted | Variant::DialguardHeartbeat
+            )
+        })
         || options.system_connections.is_some()
         || options.memory;
     let collector = if needs_collector {
@@ -669,12 +677,21 @@ pub fn run(parts: &Parts, options: &Options) -> anyhow::Result<Results> {
         system: None,
         memory: None,
         long_lived: Vec::new(),
+        plain_again: None,
     };
+    let again = variants.len() > 1 && variants.contains(&Variant::Plain);
     for variant in variants {
         results.variants.push(
             bench
                 .measure(variant)
                 .with_context(|| format!("measuring ({}) {}", variant.number(), variant.label()))?,
+        );
+    }
+    if again {
+        results.plain_again = Some(
+            bench
+                .measure(Variant::Plain)
+                .context("measuring (1) again at the end")?,
         );
     }
     if let Some(chunks) = options.long_lived_chunks {
@@ -742,6 +759,14 @@ impl Results {
                 format!("({}) {}", r.variant.number(), r.variant.label()),
                 thousands(r.per_connection().round() as u64),
                 ratio
+            ));
+        }
+        if let (Some(again), Some(base)) = (&self.plain_again, base) {
+            line(format!(
+                "{:<58} {:>16} {:>12}",
+                "(1) again, after the others (drift)",
+                thousands(again.per_connection().round() as u64),
+                format!("{:.3}x", again.per_connection() / base.max(1.0))
             ));
         }
         line(String::new());

@@ -41,15 +41,19 @@ pub enum Variant {
     DialguardMisrouted,
     /// (5) Envoy's TCP gRPC access log, every connection to a gRPC sink.
     GrpcAccessLog,
+    /// (6) as (3), with a heartbeat every second instead of every minute:
+    /// what heartbeats cost, spread over the connections of the window.
+    DialguardHeartbeat,
 }
 
 impl Variant {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Plain,
         Self::EmptyWasm,
         Self::DialguardAudit,
         Self::DialguardMisrouted,
         Self::GrpcAccessLog,
+        Self::DialguardHeartbeat,
     ];
 
     pub fn number(self) -> u8 {
@@ -59,6 +63,7 @@ impl Variant {
             Self::DialguardAudit => 3,
             Self::DialguardMisrouted => 4,
             Self::GrpcAccessLog => 5,
+            Self::DialguardHeartbeat => 6,
         }
     }
 
@@ -73,6 +78,7 @@ impl Variant {
             Self::DialguardAudit => "dialguard audit, no mismatches",
             Self::DialguardMisrouted => "dialguard, every connection misrouted + reported",
             Self::GrpcAccessLog => "tcp_grpc access log, every connection to a sink",
+            Self::DialguardHeartbeat => "as (3), heartbeat every 1 s (default 60 s)",
         }
     }
 
@@ -212,6 +218,13 @@ pub fn dialguard_config() -> Value {
     })
 }
 
+/// [`dialguard_config`] with heartbeats at the fastest allowed interval.
+fn dialguard_heartbeat_config() -> Value {
+    let mut config = dialguard_config();
+    config["collector"]["heartbeatIntervalMs"] = json!(1_000);
+    config
+}
+
 /// The empty module, configured exactly like dialguard's filter (same vm
 /// settings, fail-open) but under its own name.
 fn empty_filter(module: &Path) -> Value {
@@ -243,13 +256,18 @@ fn additions(variant: Variant, endpoints: &Endpoints<'_>) -> anyhow::Result<Addi
             filters: vec![empty_filter(endpoints.empty_module)],
             ..Additions::default()
         },
-        Variant::DialguardAudit | Variant::DialguardMisrouted => {
+        Variant::DialguardAudit | Variant::DialguardMisrouted | Variant::DialguardHeartbeat => {
             let collector = endpoints
                 .collector
                 .ok_or_else(|| anyhow::anyhow!("variant {} needs a collector", variant.number()))?;
+            let config = if variant == Variant::DialguardHeartbeat {
+                dialguard_heartbeat_config()
+            } else {
+                dialguard_config()
+            };
             Additions {
                 filters: vec![network_filter(
-                    &dialguard_config(),
+                    &config,
                     &ModuleSource::LocalFile(endpoints.dialguard_module.display().to_string()),
                 )],
                 access_log: None,
