@@ -21,6 +21,12 @@
 //!    `dialguard report --format json` runs (process start included) and
 //!    `GET /api/v1/report`, both while the collector serves the database.
 //!
+//! 4. heartbeats: N VMs (40,000 in the full run: 20,000 sidecars with 2
+//!    workers), each on its own connection, heartbeating as the filter
+//!    does ([`crate::heartbeat`]) at the default interval and at one ten
+//!    times faster, with an ingest case running alongside: the collector's
+//!    RSS, its CPU per heartbeat, and the events per second beside them.
+//!
 //! Checks use only the collector's public surface: the report JSON (the
 //! rows' counts add up to the acknowledged events) and the number of rows
 //! in its `events` table (plus `sampledOutEvents`, the raw rows an
@@ -75,6 +81,18 @@ pub struct Options {
     /// Keep the databases here instead of a temporary directory.
     pub keep: Option<PathBuf>,
     pub progress: bool,
+    /// The heartbeat measurement, if any.
+    pub heartbeats: Option<HeartbeatCase>,
+}
+
+/// VMs heartbeating at each interval in turn (one collector, connections
+/// opened once), each for its window, with `alongside` ingesting meanwhile.
+#[derive(Debug, Clone)]
+pub struct HeartbeatCase {
+    pub vms: usize,
+    /// (interval, window) pairs.
+    pub intervals: Vec<(Duration, Duration)>,
+    pub alongside: Option<IngestCase>,
 }
 
 impl Options {
@@ -101,6 +119,14 @@ impl Options {
             timeout: Duration::from_secs(300),
             keep: None,
             progress: true,
+            heartbeats: Some(HeartbeatCase {
+                vms: 40_000,
+                intervals: vec![
+                    (Duration::from_secs(60), Duration::from_secs(60)),
+                    (Duration::from_secs(6), Duration::from_secs(30)),
+                ],
+                alongside: Some(case(100, 20_000, FILTER_BATCH_EVENTS)),
+            }),
         }
     }
 
@@ -120,6 +146,15 @@ impl Options {
             timeout: Duration::from_secs(60),
             keep: None,
             progress: true,
+            heartbeats: Some(HeartbeatCase {
+                vms: 200,
+                intervals: vec![(Duration::from_secs(1), Duration::from_secs(3))],
+                alongside: Some(IngestCase {
+                    streams: 2,
+                    events_per_stream: 2_000,
+                    batch_events: FILTER_BATCH_EVENTS,
+                }),
+            }),
         }
     }
 }
@@ -237,11 +272,46 @@ pub struct Results {
     pub ingest: Vec<IngestResult>,
     pub idle: Vec<IdleResult>,
     pub reports: Vec<ReportResult>,
+    pub heartbeats: Vec<HeartbeatResult>,
+}
+
+/// One interval of the heartbeat measurement.
+#[derive(Debug, Clone)]
+pub struct HeartbeatResult {
+    pub vms: usize,
+    pub interval: Duration,
+    pub beaten: crate::heartbeat::Beaten,
+    pub collector_cpu: Duration,
+    /// Collector VmRSS at the end of the window, and its peak so far.
+    pub rss_kib: u64,
+    pub peak_kib: u64,
+    /// The ingest case run alongside.
+    pub alongside: Option<Driven>,
+    /// `dialguard_heartbeats_total` on the collector's /metrics after the window, if it has it.
+    pub heartbeats_counted: Option<u64>,
+}
+
+impl HeartbeatResult {
+    pub fn cpu_us_per_heartbeat(&self) -> f64 {
+        self.collector_cpu.as_secs_f64() * 1e6 / self.beaten.ok.max(1) as f64
+    }
 }
 
 /// Runs the benchmark.
 pub fn run(parts: &Parts, options: &Options) -> anyhow::Result<Results> {
-    raise_open_files(options.idle.iter().copied().max().unwrap_or(0))?;
+    let most_connections = options
+        .idle
+        .iter()
+        .copied()
+        .chain(
+            options
+                .heartbeats
+                .as_ref()
+                .map(|h| h.vms + h.alongside.map_or(0, |a| a.streams)),
+        )
+        .max()
+        .unwrap_or(0);
+    raise_open_files(most_connections)?;
     let temporary = tempfile::Builder::new()
         .prefix("dialguard-bench-collector")
         .tempdir()?;
@@ -267,6 +337,7 @@ pub fn run(parts: &Parts, options: &Options) -> anyhow::Result<Results> {
         ingest: Vec::new(),
         idle: Vec::new(),
         reports: Vec::new(),
+        heartbeats: Vec::new(),
     };
     for case in &options.ingest {
         let result = bench
@@ -281,13 +352,22 @@ pub fn run(parts: &Parts, options: &Options) -> anyhow::Result<Results> {
         results.idle.push(result);
     }
     results.reports = bench.reports().context("report time")?;
+    if let Some(case) = &options.heartbeats {
+        results.heartbeats = bench.heartbeats(case).context("heartbeats")?;
+    }
     Ok(results)
 }
 
 /// Every stream is a socket in both processes: the soft limit on open
-/// files goes up to the hard one (the collector inherits it).
+/// files goes up to the hard one (the collector inherits it), and as root
+/// the hard one too when it is lower.
 fn raise_open_files(streams: usize) -> anyhow::Result<()> {
     let needed = streams as u64 + 1_000;
+    let (_, hard) = rlimit::Resource::NOFILE.get()?;
+    if hard < needed {
+        // Only root may raise the hard limit; otherwise the check below says so.
+        let _ = rlimit::Resource::NOFILE.set(needed, needed);
+    }
     let limit = rlimit::increase_nofile_limit(needed).context("raising RLIMIT_NOFILE")?;
     ensure!(
         limit >= needed,
@@ -413,6 +493,102 @@ impl Bench<'_> {
             result.per_stream_kib()
         ));
         Ok(result)
+    }
+
+    fn heartbeats(&self, case: &HeartbeatCase) -> anyhow::Result<Vec<HeartbeatResult>> {
+        self.progress(&format!(
+            "heartbeats: connecting {} VMs",
+            thousands(case.vms as u64)
+        ));
+        let db = self.fresh_db("heartbeats.db")?;
+        let collector = CollectorProcess::start(&self.parts.collector, &db)?;
+        let opening = Instant::now();
+        let connected = self.runtime.block_on(crate::heartbeat::connect(
+            collector.grpc,
+            Self::vms(case.vms, 7),
+        ))?;
+        self.progress(&format!(
+            "  connected in {:.1} s",
+            opening.elapsed().as_secs_f64()
+        ));
+        let pid = collector.pid();
+        let mut results = Vec::new();
+        for (round, &(interval, window)) in case.intervals.iter().enumerate() {
+            self.progress(&format!(
+                "  every {} s for {} s{}",
+                interval.as_secs_f64(),
+                window.as_secs_f64(),
+                case.alongside.map_or(String::new(), |a| format!(
+                    ", {} streams x {} events alongside",
+                    a.streams,
+                    thousands(a.events_per_stream)
+                ))
+            ));
+            let alongside = match case.alongside {
+                Some(a) => {
+                    let streams = self.runtime.block_on(load::open(
+                        collector.grpc,
+                        Self::vms(a.streams, 100 + round as u64),
+                    ))?;
+                    let pace = Pace {
+                        events_per_stream: a.events_per_stream,
+                        batch_events: a.batch_events,
+                        max_in_flight: self.options.max_in_flight,
+                        timeout: self.options.timeout,
+                    };
+                    Some((streams, pace))
+                }
+                None => None,
+            };
+            let cpu_before = process_cpu(pid)?;
+            let (beaten, driven) = self.runtime.block_on(async {
+                let (start, started) = watch::channel(false);
+                let driving = alongside
+                    .map(|(streams, pace)| tokio::spawn(load::drive(streams, pace, started)));
+                // The ingest starts a quarter into the window, when every
+                // VM's first heartbeat phase is well under way.
+                let starter = tokio::spawn(async move {
+                    tokio::time::sleep(window / 4).await;
+                    let _ = start.send(true);
+                });
+                let beaten =
+                    crate::heartbeat::beat(&connected, interval, window, round as u64 + 1).await;
+                let _ = starter.await;
+                let driven = match driving {
+                    Some(task) => Some(task.await??),
+                    None => None,
+                };
+                anyhow::Ok((beaten, driven))
+            })?;
+            let collector_cpu = process_cpu(pid)?.saturating_sub(cpu_before);
+            let result = HeartbeatResult {
+                vms: case.vms,
+                interval,
+                beaten,
+                collector_cpu,
+                rss_kib: status_kib(pid, "VmRSS")?,
+                peak_kib: status_kib(pid, "VmHWM")?,
+                alongside: driven,
+                heartbeats_counted: collector.metric("dialguard_heartbeats_total"),
+            };
+            self.progress(&format!(
+                "  {} heartbeats ({:.0}/s, {} failed), collector {:.1} us each, RSS {} MiB (peak {} MiB){}",
+                thousands(result.beaten.ok),
+                result.beaten.per_second(),
+                result.beaten.failed,
+                result.cpu_us_per_heartbeat(),
+                mib(result.rss_kib),
+                mib(result.peak_kib),
+                result.alongside.map_or(String::new(), |d| format!(
+                    "; alongside {} events/s",
+                    thousands(d.events_per_second().round() as u64)
+                ))
+            ));
+            results.push(result);
+        }
+        self.runtime.block_on(async move { drop(connected) });
+        collector.stop()?;
+        Ok(results)
     }
 
     fn reports(&self) -> anyhow::Result<Vec<ReportResult>> {
@@ -658,6 +834,26 @@ impl CollectorProcess {
     }
 
     /// Waits until the collector has logged `streams` connected sidecars.
+    /// A counter or gauge's value on `/metrics` (summed over its series).
+    fn metric(&self, name: &str) -> Option<u64> {
+        let url = format!("http://{}/metrics", self.http);
+        let body = ureq::get(&url)
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()?;
+        let values: Vec<f64> = body
+            .lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with([' ', '{']))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum::<f64>() as u64)
+    }
+
     fn wait_connected(&mut self, streams: usize, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         while self.connected < streams {
@@ -776,6 +972,45 @@ impl Results {
                 thousands(r.alerts),
                 thousands(r.driven.batches),
             ));
+        }
+        if !self.heartbeats.is_empty() {
+            line(String::new());
+            line(
+                "heartbeats (one connection per VM; each beat a short stream: Hello, Heartbeat, end; OK once stored):"
+                    .to_owned(),
+            );
+            line(format!(
+                "{:>7} {:>9} {:>11} {:>8} {:>7} {:>12} {:>10} {:>10} {:>10} {:>13} {:>10}",
+                "VMs",
+                "interval",
+                "heartbeats",
+                "per s",
+                "failed",
+                "collector us",
+                "mean ms",
+                "RSS MiB",
+                "peak MiB",
+                "alongside ev/s",
+                "counted"
+            ));
+            for r in &self.heartbeats {
+                line(format!(
+                    "{:>7} {:>8}s {:>11} {:>8.0} {:>7} {:>12.1} {:>10.1} {:>10} {:>10} {:>13} {:>10}",
+                    thousands(r.vms as u64),
+                    r.interval.as_secs(),
+                    thousands(r.beaten.ok),
+                    r.beaten.per_second(),
+                    r.beaten.failed,
+                    r.cpu_us_per_heartbeat(),
+                    r.beaten.mean_latency().as_secs_f64() * 1e3,
+                    mib(r.rss_kib),
+                    mib(r.peak_kib),
+                    r.alongside.map_or("-".to_owned(), |d| thousands(
+                        d.events_per_second().round() as u64
+                    )),
+                    r.heartbeats_counted.map_or("-".to_owned(), thousands),
+                ));
+            }
         }
         if !self.idle.is_empty() {
             line(String::new());

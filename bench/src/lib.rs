@@ -37,6 +37,7 @@
 pub mod callgrind;
 pub mod collector;
 pub mod envoy;
+pub mod heartbeat;
 pub mod load;
 pub mod proc_stat;
 pub mod run;

@@ -627,15 +627,12 @@ pub fn run(parts: &Parts, options: &Options) -> anyhow::Result<Results> {
     };
     let topology = Topology::choose()?;
     let servers = Servers::start(&topology)?;
-    let needs_collector = variants
-        .iter()
-        .any(|v| {
-            matches!(
-                v,
-                Variant::DialguardAudit | Variant::DialguardMisrouted | Variant::DialguardHeartbeat
-            )
-        })
-        || options.system_connections.is_some()
+    let needs_collector = variants.iter().any(|v| {
+        matches!(
+            v,
+            Variant::DialguardAudit | Variant::DialguardMisrouted | Variant::DialguardHeartbeat
+        )
+    }) || options.system_connections.is_some()
         || options.memory;
     let collector = if needs_collector {
         Some(Collector::start(

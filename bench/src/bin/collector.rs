@@ -37,6 +37,27 @@ struct Cli {
     /// Keep the databases in this directory.
     #[arg(long)]
     keep: Option<std::path::PathBuf>,
+    /// VMs in the heartbeat measurement (0 skips it); full run 40,000.
+    #[arg(long)]
+    heartbeat_vms: Option<usize>,
+    /// Heartbeat intervals and their windows, INTERVAL:WINDOW in seconds,
+    /// e.g. `60:60,6:30` (the full run's).
+    #[arg(long, value_delimiter = ',')]
+    heartbeat_intervals: Vec<String>,
+}
+
+fn parse_interval(text: &str) -> anyhow::Result<(Duration, Duration)> {
+    let parsed = text
+        .split_once(':')
+        .and_then(|(i, w)| Some((i.trim().parse::<u64>().ok()?, w.trim().parse::<u64>().ok()?)));
+    match parsed {
+        Some((interval, window)) if interval > 0 && window > 0 => {
+            Ok((Duration::from_secs(interval), Duration::from_secs(window)))
+        }
+        _ => anyhow::bail!(
+            "--heartbeat-intervals {text}: expected INTERVAL:WINDOW in whole seconds above 0, e.g. 60:60"
+        ),
+    }
 }
 
 fn parse_case(text: &str) -> anyhow::Result<IngestCase> {
@@ -92,6 +113,21 @@ fn main() -> anyhow::Result<()> {
         options.timeout = Duration::from_secs(secs);
     }
     options.keep = cli.keep;
+    if let Some(heartbeats) = &mut options.heartbeats {
+        if let Some(vms) = cli.heartbeat_vms {
+            heartbeats.vms = vms;
+        }
+        if !cli.heartbeat_intervals.is_empty() {
+            heartbeats.intervals = cli
+                .heartbeat_intervals
+                .iter()
+                .map(|t| parse_interval(t))
+                .collect::<anyhow::Result<_>>()?;
+        }
+    }
+    if options.heartbeats.as_ref().is_some_and(|h| h.vms == 0) {
+        options.heartbeats = None;
+    }
     let results = collector::run(&Parts::from_dist()?, &options)?;
     print!("{}", results.render());
     Ok(())
