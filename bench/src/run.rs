@@ -350,19 +350,20 @@ impl Bench<'_> {
 
     /// One variant under callgrind: warm-up, zero, N connections, dump.
     fn measure(&self, variant: Variant) -> anyhow::Result<VariantResult> {
+        self.measure_as(variant, &format!("variant-{}", variant.number()))
+    }
+
+    /// Measures `variant` with its files under `dir/name` (a second
+    /// measurement of one variant needs a directory of its own).
+    fn measure_as(&self, variant: Variant, name: &str) -> anyhow::Result<VariantResult> {
         let n = variant.number();
-        let out = self.dir.join(format!("variant-{n}")).join("callgrind.out");
+        let out = self.dir.join(name).join("callgrind.out");
         self.progress(&format!(
             "({n}) {}: starting Envoy under callgrind",
             variant.label()
         ));
         let started = Instant::now();
-        let envoy = self.start_envoy(
-            variant,
-            &format!("variant-{n}"),
-            1,
-            Runner::Callgrind { out: out.clone() },
-        )?;
+        let envoy = self.start_envoy(variant, name, 1, Runner::Callgrind { out: out.clone() })?;
         let startup = started.elapsed();
         let result = callgrind::instrument(envoy.pid())
             .and_then(|()| self.measure_in(&envoy, variant, &out, startup));
@@ -687,7 +688,7 @@ pub fn run(parts: &Parts, options: &Options) -> anyhow::Result<Results> {
     if again {
         results.plain_again = Some(
             bench
-                .measure(Variant::Plain)
+                .measure_as(Variant::Plain, "variant-1-again")
                 .context("measuring (1) again at the end")?,
         );
     }
