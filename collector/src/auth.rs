@@ -16,7 +16,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
-use crate::http::MODULE_PATH;
+use crate::http::{ENFORCE_MODULE_PATH, MODULE_PATH};
 
 /// The token the HTTP API requires; never printed.
 #[derive(Clone)]
@@ -97,10 +97,12 @@ pub fn require_token(router: Router, token: HttpToken) -> Router {
 
 fn is_open(path: &str) -> bool {
     path == "/healthz"
-        || path == MODULE_PATH
-        || path
-            .strip_prefix(MODULE_PATH)
-            .is_some_and(|rest| rest == ".sha256")
+        || [MODULE_PATH, ENFORCE_MODULE_PATH].iter().any(|module| {
+            path == *module
+                || path
+                    .strip_prefix(module)
+                    .is_some_and(|rest| rest == ".sha256")
+        })
 }
 
 async fn check_token(State(token): State<HttpToken>, request: Request, next: Next) -> Response {
@@ -172,6 +174,8 @@ mod tests {
         assert!(is_open("/healthz"));
         assert!(is_open(MODULE_PATH));
         assert!(is_open(&format!("{MODULE_PATH}.sha256")));
+        assert!(is_open(ENFORCE_MODULE_PATH));
+        assert!(is_open(&format!("{ENFORCE_MODULE_PATH}.sha256")));
         assert!(!is_open("/metrics"));
         assert!(!is_open("/api/v1/report"));
         assert!(!is_open(&format!("{MODULE_PATH}.bak")));

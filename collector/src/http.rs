@@ -1,7 +1,7 @@
 //! The HTTP side: health, Prometheus metrics (`GET /metrics`), the report as
 //! JSON (`GET /api/v1/report`) and, with
-//! `serve --module`, the filter module itself, so one deployment gives Envoy
-//! both the module and the event sink.
+//! `serve --module` and `--enforce-module`, the filter's two builds, so one
+//! deployment gives Envoy both the module and the event sink.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,20 +11,23 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use sha2::{Digest, Sha256};
+use dialguard_envoyfilter::module::{self, Build};
 
 use crate::metrics::{self, Metrics};
 use crate::report::{self, Report};
 use crate::store;
 
-/// Where the module is served.
+/// Where the audit build (`serve --module`) is served.
 pub const MODULE_PATH: &str = "/module/dialguard_filter.wasm";
+/// Where the enforce build (`serve --enforce-module`) is served.
+pub const ENFORCE_MODULE_PATH: &str = "/module/dialguard_filter_enforce.wasm";
 
 /// A module held in memory with its SHA-256 (what `vm_config.code.remote.sha256` must say).
 #[derive(Clone)]
 pub struct Module {
     pub bytes: Arc<[u8]>,
     pub sha256: String,
+    pub build: Build,
 }
 
 impl std::fmt::Debug for Module {
@@ -32,64 +35,142 @@ impl std::fmt::Debug for Module {
         f.debug_struct("Module")
             .field("len", &self.bytes.len())
             .field("sha256", &self.sha256)
+            .field("build", &self.build)
             .finish()
     }
 }
 
 impl Module {
-    pub fn load(path: &Path) -> Result<Self, ModuleError> {
+    /// Reads the module and checks that it is `build`: each build is served
+    /// under its own name, and `rollout` picks the URL by that name, so a
+    /// name must never serve the other build.
+    pub fn load(path: &Path, build: Build) -> Result<Self, ModuleError> {
+        let flag = Self::flag(build);
         let bytes = std::fs::read(path).map_err(|source| ModuleError::Read {
+            flag,
             path: path.to_owned(),
             source,
         })?;
-        if !bytes.starts_with(b"\0asm") {
-            return Err(ModuleError::NotWasm(path.to_owned()));
+        let info = module::inspect(&bytes).map_err(|why| ModuleError::Invalid {
+            flag,
+            path: path.to_owned(),
+            why,
+        })?;
+        if info.build != build {
+            return Err(ModuleError::WrongBuild {
+                flag,
+                path: path.to_owned(),
+                found: info.build,
+                expected: build,
+            });
         }
-        Ok(Self::from_bytes(bytes))
+        Ok(Self {
+            bytes: bytes.into(),
+            sha256: info.sha256,
+            build,
+        })
     }
 
-    pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        let sha256 = Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        Self {
-            bytes: bytes.into(),
-            sha256,
+    /// The `serve` flag that loads `build`.
+    pub fn flag(build: Build) -> &'static str {
+        match build {
+            Build::Audit => "--module",
+            Build::Enforce => "--enforce-module",
+        }
+    }
+
+    /// The HTTP path it is served at.
+    pub fn path(&self) -> &'static str {
+        match self.build {
+            Build::Audit => MODULE_PATH,
+            Build::Enforce => ENFORCE_MODULE_PATH,
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
-    #[error("--module {path}: {source}")]
+    #[error("{flag} {path}: {source}")]
     Read {
+        flag: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("--module {0}: not a WebAssembly module (expected the \\0asm header)")]
-    NotWasm(PathBuf),
+    #[error("{flag} {path}: {why}")]
+    Invalid {
+        flag: &'static str,
+        path: PathBuf,
+        why: String,
+    },
+    #[error(
+        "{flag} {path}: this is the {found} build; expected the {expected} build, {} \
+         (each build is served under its own name: --module takes {}, --enforce-module {})",
+        expected.file_name(),
+        Build::Audit.file_name(),
+        Build::Enforce.file_name()
+    )]
+    WrongBuild {
+        flag: &'static str,
+        path: PathBuf,
+        found: Build,
+        expected: Build,
+    },
 }
 
 #[derive(Debug, Clone)]
 struct AppState {
     db_path: Arc<PathBuf>,
     module: Option<Module>,
+    enforce_module: Option<Module>,
     metrics: Metrics,
 }
 
-pub fn router(db_path: PathBuf, module: Option<Module>, metrics: Metrics) -> Router {
-    Router::new()
+impl AppState {
+    fn module(&self, build: Build) -> Option<&Module> {
+        match build {
+            Build::Audit => self.module.as_ref(),
+            Build::Enforce => self.enforce_module.as_ref(),
+        }
+    }
+}
+
+/// The served modules: the audit build (`--module`) and the enforce build
+/// (`--enforce-module`), each optional.
+#[derive(Debug, Clone, Default)]
+pub struct Modules {
+    pub audit: Option<Module>,
+    pub enforce: Option<Module>,
+}
+
+pub fn router(db_path: PathBuf, modules: Modules, metrics: Metrics) -> Router {
+    let mut router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_text))
-        .route("/api/v1/report", get(report_json))
-        .route(MODULE_PATH, get(module_bytes))
-        .route(&format!("{MODULE_PATH}.sha256"), get(module_sha256))
-        .with_state(AppState {
-            db_path: Arc::new(db_path),
-            module,
-            metrics,
-        })
+        .route("/api/v1/report", get(report_json));
+    for (path, build) in [
+        (MODULE_PATH, Build::Audit),
+        (ENFORCE_MODULE_PATH, Build::Enforce),
+    ] {
+        router = router
+            .route(
+                path,
+                get(move |State(state): State<AppState>| async move {
+                    module_bytes(&state, build)
+                }),
+            )
+            .route(
+                &format!("{path}.sha256"),
+                get(move |State(state): State<AppState>| async move {
+                    module_sha256(&state, build)
+                }),
+            );
+    }
+    router.with_state(AppState {
+        db_path: Arc::new(db_path),
+        module: modules.audit,
+        enforce_module: modules.enforce,
+        metrics,
+    })
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
@@ -102,20 +183,31 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn module_bytes(State(state): State<AppState>) -> impl IntoResponse {
-    match state.module {
+fn no_module(build: Build) -> (StatusCode, String) {
+    (
+        StatusCode::NOT_FOUND,
+        format!(
+            "no {build} module: start with {} {}\n",
+            Module::flag(build),
+            build.file_name()
+        ),
+    )
+}
+
+fn module_bytes(state: &AppState, build: Build) -> impl IntoResponse + use<> {
+    match state.module(build) {
         Some(module) => Ok((
             [(header::CONTENT_TYPE, "application/wasm")],
-            axum::body::Bytes::from_owner(module.bytes),
+            axum::body::Bytes::from_owner(module.bytes.clone()),
         )),
-        None => Err((StatusCode::NOT_FOUND, "no module: start with --module\n")),
+        None => Err(no_module(build)),
     }
 }
 
-async fn module_sha256(State(state): State<AppState>) -> impl IntoResponse {
-    match state.module {
-        Some(module) => Ok(module.sha256 + "\n"),
-        None => Err((StatusCode::NOT_FOUND, "no module: start with --module\n")),
+fn module_sha256(state: &AppState, build: Build) -> impl IntoResponse + use<> {
+    match state.module(build) {
+        Some(module) => Ok(module.sha256.clone() + "\n"),
+        None => Err(no_module(build)),
     }
 }
 

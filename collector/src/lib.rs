@@ -45,8 +45,8 @@ pub struct ServeConfig {
     pub db_path: PathBuf,
     /// How long open streams get to finish after shutdown begins.
     pub shutdown_grace: Duration,
-    /// The filter module to serve to sidecars, if any.
-    pub module: Option<http::Module>,
+    /// The filter's builds to serve to sidecars, if any.
+    pub modules: http::Modules,
     pub limits: Limits,
     /// Events, aggregate rows and directory entries last seen longer ago
     /// than this are deleted in the background; `None` keeps everything.
@@ -70,7 +70,7 @@ impl ServeConfig {
         Self {
             db_path: db_path.into(),
             shutdown_grace: Duration::from_secs(10),
-            module: None,
+            modules: http::Modules::default(),
             limits: Limits::default(),
             retention: Some(DEFAULT_RETENTION),
             retention_every: Duration::from_secs(600),
@@ -162,7 +162,7 @@ pub async fn run(
         }
     };
 
-    let mut app = http::router(config.db_path.clone(), config.module.clone(), metrics);
+    let mut app = http::router(config.db_path.clone(), config.modules.clone(), metrics);
     if let Some(token) = config.http_token.clone() {
         app = auth::require_token(app, token);
     }

@@ -11,9 +11,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use dialguard_collector::alertmanager::AlertmanagerConfig;
 use dialguard_collector::auth::HttpToken;
-use dialguard_collector::http::Module;
+use dialguard_collector::http::{Module, Modules};
 use dialguard_collector::tls::{TlsConfig, TlsFiles, read_certificates};
 use dialguard_collector::{Limits, ServeConfig, report, store};
+use dialguard_envoyfilter::module::Build;
 use dialguard_envoyfilter::rollout::{self, CollectorManifests, RolloutArgs};
 
 #[derive(Debug, Parser)]
@@ -79,10 +80,16 @@ struct ServeFlags {
     /// SQLite database file; created if missing.
     #[arg(long)]
     db: PathBuf,
-    /// The filter module to serve at /module/dialguard_filter.wasm (its
-    /// SHA-256 is printed at startup, for `rollout --module-sha256`).
-    #[arg(long)]
+    /// The filter's audit build (dist/dialguard_filter.wasm) to serve at
+    /// /module/dialguard_filter.wasm (its SHA-256 is printed at startup, for
+    /// `rollout --module-sha256`). The enforce build is refused here.
+    #[arg(long, value_name = "PATH")]
     module: Option<PathBuf>,
+    /// The filter's enforce build (dist/dialguard_filter_enforce.wasm) to
+    /// serve at /module/dialguard_filter_enforce.wasm, for `rollout --mode
+    /// enforce` (its SHA-256 is printed at startup too).
+    #[arg(long, value_name = "PATH")]
+    enforce_module: Option<PathBuf>,
     /// Delete events, report rows and directory entries last seen longer ago
     /// than this (e.g. 30d, 12h); `off` keeps everything.
     #[arg(long, default_value = "30d", value_parser = parse_retention)]
@@ -349,12 +356,20 @@ struct RolloutFlags {
     /// Defaults to the in-cluster collector with --with-collector.
     #[arg(long)]
     collector: Option<String>,
-    /// Where Envoy downloads the module (http:// or https://).
+    /// Where Envoy downloads the module (http:// or https://). With
+    /// --with-collector it defaults to that collector's URL of the build the
+    /// mode needs. --mode enforce needs a URL ending in
+    /// /dialguard_filter_enforce.wasm unless --module shows the build.
     #[arg(long)]
-    module_url: String,
+    module_url: Option<String>,
     /// The module's SHA-256, 64 hex digits; Envoy refuses any other bytes.
+    /// Computed from --module when that is given.
     #[arg(long)]
-    module_sha256: String,
+    module_sha256: Option<String>,
+    /// The module file the URL serves (e.g. dist/dialguard_filter_enforce.wasm):
+    /// rollout computes its SHA-256 and checks that its build runs --mode.
+    #[arg(long, value_name = "PATH")]
+    module: Option<PathBuf>,
     /// Service VIP range (repeat); default: the filter's (10.96.0.0/12).
     #[arg(long = "service-cidr")]
     service_cidrs: Vec<String>,
@@ -372,7 +387,8 @@ struct RolloutFlags {
     with_collector: bool,
     #[arg(long, default_value = "dialguard")]
     collector_namespace: String,
-    /// Container image of the collector (with the module at /opt/dialguard/dialguard_filter.wasm).
+    /// Container image of the collector, holding both builds in /opt/dialguard/
+    /// (dialguard_filter.wasm and dialguard_filter_enforce.wasm).
     #[arg(long, required_if_eq("with_collector", "true"))]
     collector_image: Option<String>,
     #[arg(long, default_value = "1Gi")]
@@ -437,15 +453,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
-    let module = flags
-        .module
-        .as_deref()
-        .map(Module::load)
-        .transpose()
-        .context("--module")?;
+    let modules = Modules {
+        audit: flags
+            .module
+            .as_deref()
+            .map(|path| Module::load(path, Build::Audit))
+            .transpose()?,
+        enforce: flags
+            .enforce_module
+            .as_deref()
+            .map(|path| Module::load(path, Build::Enforce))
+            .transpose()?,
+    };
     let config = ServeConfig {
         shutdown_grace: flags.shutdown_grace,
-        module,
+        modules,
         limits: Limits {
             max_message_bytes: flags.max_message_bytes,
             max_batch_events: flags.max_batch_events,
@@ -499,17 +521,25 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
         config.db_path.display()
     );
     warn_if_exposed(&config, grpc.local_addr()?, http.local_addr()?);
-    if let Some(module) = &config.module {
-        let scheme = if config.tls.is_some() {
-            "https"
-        } else {
-            "http"
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    // The audit build's line first and unchanged: scripts read it.
+    for module in [&config.modules.audit, &config.modules.enforce]
+        .into_iter()
+        .flatten()
+    {
+        let build = match module.build {
+            Build::Audit => "",
+            Build::Enforce => "enforce ",
         };
         eprintln!(
-            "dialguard: serving module sha256={} at {scheme}://{}{}",
+            "dialguard: serving {build}module sha256={} at {scheme}://{}{}",
             module.sha256,
             http.local_addr()?,
-            dialguard_collector::http::MODULE_PATH
+            module.path()
         );
     }
     dialguard_collector::run(grpc, http, config, shutdown_signal()).await?;
@@ -556,6 +586,7 @@ fn rollout(flags: RolloutFlags) -> anyhow::Result<()> {
         collector,
         module_url: flags.module_url,
         module_sha256: flags.module_sha256,
+        module_file: flags.module,
         service_cidrs: flags.service_cidrs,
         pod_cidrs: flags.pod_cidrs,
         priority: flags.priority,

@@ -227,6 +227,16 @@ async fn prometheus_scrapes_the_metrics_and_the_shipped_rules_fire() {
         }
     }
     assert!(checked >= 8, "only {checked} dashboard queries");
+    // Coverage has its panels: silence must be told apart from not running.
+    let exprs = dashboard["panels"].to_string();
+    for metric in [
+        "dialguard_sidecars",
+        "dialguard_namespace_uncovered",
+        "dialguard_judged_connections_total",
+        "dialguard_heartbeats_total",
+    ] {
+        assert!(exprs.contains(metric), "no dashboard panel shows {metric}");
+    }
     let stat = r#"sum(increase(dialguard_misrouted_connections_total{verdict="misrouted"}[1h]))"#;
     assert!(prometheus.query(stat).await.unwrap_or(0.0) > 0.0);
 

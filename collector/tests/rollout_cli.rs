@@ -80,6 +80,25 @@ fn examples() -> Vec<(&'static str, Vec<&'static str>)> {
             .concat(),
         ),
         (
+            // No --module-url: the mode picks the collector's enforce build.
+            "enforce-with-collector.yaml",
+            vec![
+                "--namespace",
+                "manager",
+                "--mode",
+                "enforce",
+                "--with-collector",
+                "--collector-image",
+                "registry.example.com/dialguard:0.1.0",
+                "--module-sha256",
+                SHA,
+                "--service-cidr",
+                "10.96.0.0/12",
+                "--pod-cidr",
+                "10.244.0.0/16",
+            ],
+        ),
+        (
             "uninstall-manager.yaml",
             [
                 &["--namespace", "manager", "--uninstall"][..],
@@ -161,6 +180,18 @@ fn bad_flags_print_an_error_and_nothing_else() {
         (
             &["--namespace", "manager", "--with-collector"],
             "--collector-image",
+        ),
+        // Enforce with the audit build's URL: Envoy would refuse the filter.
+        (
+            &[
+                "--namespace",
+                "manager",
+                "--collector",
+                "c:1",
+                "--mode",
+                "enforce",
+            ],
+            "--module-url \"http://dialguard-collector.dialguard.svc.cluster.local:8080/module/dialguard_filter.wasm\": names the audit build, which refuses --mode enforce",
         ),
     ];
     for (flags, expected) in cases {

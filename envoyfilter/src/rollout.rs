@@ -11,10 +11,12 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use dialguard_filter_core::{Cidr, FilterConfig};
 use serde_json::{Value, json};
 
+use crate::module::{self, AUDIT_MODULE_FILE, Build, ENFORCE_MODULE_FILE};
 use crate::{ModuleSource, collector_cluster, module_cluster, network_filter};
 
 /// The Envoy cluster the filter streams events through.
@@ -25,6 +27,15 @@ pub const MODULE_CLUSTER: &str = "dialguard_module";
 pub const RESOURCE_NAME: &str = "dialguard";
 const COLLECTOR_GRPC_PORT: u16 = 50051;
 const COLLECTOR_HTTP_PORT: u16 = 8080;
+/// Where `--with-collector`'s image holds both builds.
+const IMAGE_MODULE_DIR: &str = "/opt/dialguard";
+/// The ConfigMap listing the namespaces rolled out to, for the collector's
+/// coverage report: an expected namespace with no reporting sidecar is news.
+pub const EXPECTED_NAMESPACES_CONFIGMAP: &str = "dialguard-expected-namespaces";
+/// Its key, one namespace per line.
+pub const EXPECTED_NAMESPACES_KEY: &str = "namespaces";
+/// Where the collector's pod mounts that ConfigMap (as a directory).
+pub const EXPECTED_NAMESPACES_DIR: &str = "/etc/dialguard/expected-namespaces";
 
 /// The flags, as given. [`render`] validates them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,8 +46,14 @@ pub struct RolloutArgs {
     pub mode: String,
     /// `HOST:PORT` of the collector's gRPC listener.
     pub collector: String,
-    pub module_url: String,
-    pub module_sha256: String,
+    /// Where Envoy downloads the module. Without it, `collector_manifests`
+    /// gives the in-cluster collector's URL of the build the mode needs.
+    pub module_url: Option<String>,
+    /// The module's SHA-256; computed from `module_file` when that is given.
+    pub module_sha256: Option<String>,
+    /// The module file itself (`--module`): its SHA-256 and build are checked
+    /// against the mode and the other module flags.
+    pub module_file: Option<PathBuf>,
     pub service_cidrs: Vec<String>,
     pub pod_cidrs: Vec<String>,
     /// EnvoyFilter `priority`: patches apply in ascending order.
@@ -62,8 +79,9 @@ impl Default for RolloutArgs {
             selectors: Vec::new(),
             mode: "audit".into(),
             collector: String::new(),
-            module_url: String::new(),
-            module_sha256: String::new(),
+            module_url: None,
+            module_sha256: None,
+            module_file: None,
             service_cidrs: Vec::new(),
             pod_cidrs: Vec::new(),
             priority: 10,
@@ -162,6 +180,147 @@ fn parse_host_port(flag: &'static str, value: &str) -> Result<(String, u16), Rol
     Ok((host.to_owned(), port))
 }
 
+const URL_EXPECTED: &str = "expected an http:// or https:// URL of the module, e.g. http://dialguard-collector.dialguard:8080/module/dialguard_filter.wasm";
+
+/// The module the sidecars load: where from and its SHA-256.
+#[derive(Debug)]
+struct ResolvedModule {
+    url: String,
+    sha256: String,
+}
+
+/// The last path segment of a URL, where a module's file name is.
+fn url_file_name(url: &str) -> &str {
+    let path = url.split(['?', '#']).next().unwrap_or(url);
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Picks the module for the mode and checks what can be checked: the file's
+/// build against the mode, its SHA-256 against `--module-sha256`, and the
+/// build a URL names against both. Envoy refuses a configuration the module
+/// cannot run, leaving the namespace silently without dialguard, so anything
+/// that could be the wrong build is refused here instead.
+fn resolve_module(args: &RolloutArgs) -> Result<ResolvedModule, RolloutError> {
+    let file = match &args.module_file {
+        None => None,
+        Some(path) => {
+            let shown = path.display().to_string();
+            let bytes = std::fs::read(path)
+                .map_err(|err| invalid("--module", &shown, format!("cannot read it: {err}")))?;
+            let info = module::inspect(&bytes).map_err(|why| invalid("--module", &shown, why))?;
+            if !info.build.runs(&args.mode) {
+                return Err(invalid(
+                    "--module",
+                    &shown,
+                    format!(
+                        "this is the audit build (it exports no proxy_on_downstream_data/proxy_on_upstream_data), \
+                         which refuses --mode enforce; expected the enforce build, {ENFORCE_MODULE_FILE}"
+                    ),
+                ));
+            }
+            Some((shown, info))
+        }
+    };
+    let sha256 = match (&args.module_sha256, &file) {
+        (Some(given), file) => {
+            let sha = given.to_ascii_lowercase();
+            if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    "--module-sha256",
+                    given,
+                    "expected the module's SHA-256 as 64 hexadecimal digits (`dialguard serve` prints it)",
+                ));
+            }
+            if let Some((shown, info)) = file {
+                if info.sha256 != sha {
+                    return Err(invalid(
+                        "--module-sha256",
+                        given,
+                        format!(
+                            "does not match --module {shown} (sha256 {}); Envoy would refuse the download. \
+                             Expected that file's SHA-256, or leave --module-sha256 out",
+                            info.sha256
+                        ),
+                    ));
+                }
+            }
+            sha
+        }
+        (None, Some((_, info))) => info.sha256.clone(),
+        (None, None) => {
+            return Err(invalid(
+                "--module-sha256",
+                "",
+                "expected the module's SHA-256 (64 hexadecimal digits, `dialguard serve` prints it), \
+                 or --module PATH to the module file so that rollout computes it and checks its build",
+            ));
+        }
+    };
+    let file_build = file.as_ref().map(|(_, info)| info.build);
+    let url = match (&args.module_url, &args.collector_manifests) {
+        (Some(url), _) => {
+            let named = Build::named(url_file_name(url));
+            match (file_build, named) {
+                (Some(build), Some(named)) if build != named => {
+                    return Err(invalid(
+                        "--module-url",
+                        url,
+                        format!(
+                            "names the {named} build but --module {} is the {build} build; \
+                             expected a URL ending in /{}",
+                            file.as_ref().map_or("", |(shown, _)| shown.as_str()),
+                            build.file_name()
+                        ),
+                    ));
+                }
+                // The file says what it is (checked above against the mode).
+                (Some(_), _) => {}
+                (None, Some(named)) if !named.runs(&args.mode) => {
+                    return Err(invalid(
+                        "--module-url",
+                        url,
+                        format!(
+                            "names the audit build, which refuses --mode enforce; expected the enforce \
+                             build's URL, ending in /{ENFORCE_MODULE_FILE} (`dialguard serve --enforce-module` serves it there)"
+                        ),
+                    ));
+                }
+                (None, Some(_)) => {}
+                // An unknown name in audit mode: both builds run audit.
+                (None, None) if args.mode != "enforce" => {}
+                (None, None) => {
+                    return Err(invalid(
+                        "--module-url",
+                        url,
+                        format!(
+                            "cannot tell which build this URL serves, and only the enforce build runs --mode enforce; \
+                             expected a URL ending in /{ENFORCE_MODULE_FILE}, or --module PATH to the module file so that rollout checks its build"
+                        ),
+                    ));
+                }
+            }
+            url.clone()
+        }
+        (None, Some(c)) => {
+            // The collector serves both builds; a given file decides, else the mode.
+            let build = file_build.unwrap_or(if args.mode == "enforce" {
+                Build::Enforce
+            } else {
+                Build::Audit
+            });
+            in_cluster_module_url(&c.namespace, build)
+        }
+        (None, None) => {
+            return Err(invalid(
+                "--module-url",
+                "",
+                format!("{URL_EXPECTED}; only --with-collector knows it without the flag"),
+            ));
+        }
+    };
+    Ok(ResolvedModule { url, sha256 })
+}
+
 fn plan(args: &RolloutArgs) -> Result<Plan, RolloutError> {
     if args.namespaces.is_empty() {
         return Err(invalid(
@@ -195,11 +354,7 @@ fn plan(args: &RolloutArgs) -> Result<Plan, RolloutError> {
         selector.insert(key.to_owned(), value.to_owned());
     }
     if !matches!(args.mode.as_str(), "audit" | "enforce") {
-        return Err(invalid(
-            "--mode",
-            &args.mode,
-            "expected audit or enforce (enforce needs --module-url to name dialguard_filter_enforce.wasm)",
-        ));
+        return Err(invalid("--mode", &args.mode, "expected audit or enforce"));
     }
     if args.mode == "enforce" && args.pod_cidrs.is_empty() {
         return Err(invalid(
@@ -210,31 +365,23 @@ fn plan(args: &RolloutArgs) -> Result<Plan, RolloutError> {
     }
     let (collector_host, collector_port) = parse_host_port("--collector", &args.collector)?;
 
-    let url_expected = "expected an http:// or https:// URL of the module, e.g. http://dialguard-collector.dialguard:8080/module/dialguard_filter.wasm";
-    let url = url::Url::parse(&args.module_url)
-        .map_err(|_| invalid("--module-url", &args.module_url, url_expected))?;
+    let module = resolve_module(args)?;
+    let url = url::Url::parse(&module.url)
+        .map_err(|_| invalid("--module-url", &module.url, URL_EXPECTED))?;
     let module_tls = match url.scheme() {
         "http" => false,
         "https" => true,
-        _ => return Err(invalid("--module-url", &args.module_url, url_expected)),
+        _ => return Err(invalid("--module-url", &module.url, URL_EXPECTED)),
     };
     let module_host = url
         .host_str()
         .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
         .filter(|h| is_host(h))
-        .ok_or_else(|| invalid("--module-url", &args.module_url, url_expected))?;
+        .ok_or_else(|| invalid("--module-url", &module.url, URL_EXPECTED))?;
     let module_port = url
         .port_or_known_default()
-        .ok_or_else(|| invalid("--module-url", &args.module_url, url_expected))?;
+        .ok_or_else(|| invalid("--module-url", &module.url, URL_EXPECTED))?;
 
-    let sha = args.module_sha256.to_ascii_lowercase();
-    if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(invalid(
-            "--module-sha256",
-            &args.module_sha256,
-            "expected the module's SHA-256 as 64 hexadecimal digits (`dialguard serve --module` prints it)",
-        ));
-    }
     for (flag, cidrs) in [
         ("--service-cidr", &args.service_cidrs),
         ("--pod-cidr", &args.pod_cidrs),
@@ -247,6 +394,9 @@ fn plan(args: &RolloutArgs) -> Result<Plan, RolloutError> {
     let mut filter_config = json!({
         "mode": args.mode,
         "collector": { "cluster": COLLECTOR_CLUSTER },
+        // The filter passes it on in its hello: the collector then knows
+        // which build each sidecar runs.
+        "moduleSha256": module.sha256,
     });
     if !args.service_cidrs.is_empty() {
         filter_config["serviceCidrs"] = json!(args.service_cidrs);
@@ -292,11 +442,11 @@ fn plan(args: &RolloutArgs) -> Result<Plan, RolloutError> {
         selector,
         collector_host,
         collector_port,
-        module_url: args.module_url.clone(),
+        module_url: module.url,
         module_host,
         module_port,
         module_tls,
-        module_sha256: sha,
+        module_sha256: module.sha256,
         filter_config,
         priority: args.priority,
         wasm_plugin: args.wasm_plugin,
@@ -410,6 +560,8 @@ impl Plan {
         let name = "dialguard-collector";
         let ns = c.namespace.as_str();
         let selector = json!({ "app.kubernetes.io/name": "dialguard", "app.kubernetes.io/component": "collector" });
+        let expected: String = self.namespaces.iter().map(|n| format!("{n}\n")).collect();
+        let expected_file = format!("{EXPECTED_NAMESPACES_DIR}/{EXPECTED_NAMESPACES_KEY}");
         vec![
             json!({
                 "apiVersion": "v1",
@@ -419,6 +571,12 @@ impl Plan {
                     "accessModes": ["ReadWriteOnce"],
                     "resources": { "requests": { "storage": c.storage } },
                 },
+            }),
+            json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": metadata(EXPECTED_NAMESPACES_CONFIGMAP, ns, "collector"),
+                "data": { EXPECTED_NAMESPACES_KEY: expected },
             }),
             json!({
                 "apiVersion": "apps/v1",
@@ -432,8 +590,13 @@ impl Plan {
                     "template": {
                         "metadata": {
                             "labels": labels("collector"),
-                            // The collector's own traffic needs no sidecar.
-                            "annotations": { "sidecar.istio.io/inject": "false" },
+                            "annotations": {
+                                // The collector's own traffic needs no sidecar.
+                                "sidecar.istio.io/inject": "false",
+                                // A changed list restarts the collector, so it
+                                // reads the list whenever it reads it.
+                                "dialguard.io/expected-namespaces-sha256": module::sha256_hex(expected.as_bytes()),
+                            },
                         },
                         "spec": {
                             "containers": [{
@@ -444,16 +607,26 @@ impl Plan {
                                     "--grpc", format!("0.0.0.0:{COLLECTOR_GRPC_PORT}"),
                                     "--http", format!("0.0.0.0:{COLLECTOR_HTTP_PORT}"),
                                     "--db", "/var/lib/dialguard/dialguard.db",
-                                    "--module", "/opt/dialguard/dialguard_filter.wasm",
+                                    "--module", format!("{IMAGE_MODULE_DIR}/{AUDIT_MODULE_FILE}"),
+                                    "--enforce-module", format!("{IMAGE_MODULE_DIR}/{ENFORCE_MODULE_FILE}"),
+                                    "--expect-namespaces-file", expected_file,
                                 ],
                                 "ports": [
                                     { "name": "grpc-ingest", "containerPort": COLLECTOR_GRPC_PORT },
                                     { "name": "http-api", "containerPort": COLLECTOR_HTTP_PORT },
                                 ],
                                 "readinessProbe": { "httpGet": { "path": "/healthz", "port": COLLECTOR_HTTP_PORT } },
-                                "volumeMounts": [{ "name": "db", "mountPath": "/var/lib/dialguard" }],
+                                "volumeMounts": [
+                                    { "name": "db", "mountPath": "/var/lib/dialguard" },
+                                    // A directory, not a subPath: kubelet keeps
+                                    // it current when the ConfigMap changes.
+                                    { "name": "expected-namespaces", "mountPath": EXPECTED_NAMESPACES_DIR, "readOnly": true },
+                                ],
                             }],
-                            "volumes": [{ "name": "db", "persistentVolumeClaim": { "claimName": format!("{name}-db") } }],
+                            "volumes": [
+                                { "name": "db", "persistentVolumeClaim": { "claimName": format!("{name}-db") } },
+                                { "name": "expected-namespaces", "configMap": { "name": EXPECTED_NAMESPACES_CONFIGMAP } },
+                            ],
                         },
                     },
                 },
@@ -502,6 +675,14 @@ pub fn uninstall(args: &RolloutArgs) -> Result<Vec<Value>, RolloutError> {
             })
         })
         .collect())
+}
+
+/// Where the collector that `--with-collector` deploys serves `build`.
+pub fn in_cluster_module_url(namespace: &str, build: Build) -> String {
+    format!(
+        "http://dialguard-collector.{namespace}.svc.cluster.local:{COLLECTOR_HTTP_PORT}/module/{}",
+        build.file_name()
+    )
 }
 
 /// The collector address that `--with-collector` deploys, for `--collector`.

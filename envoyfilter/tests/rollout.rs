@@ -3,17 +3,51 @@
 //! `kubectl apply --validate=strict` is (unknown fields rejected); bad flags
 //! get an error naming the flag and nothing is rendered.
 
+use std::path::PathBuf;
+use std::process::Command;
+
+use dialguard_envoyfilter::module::{self, Build};
 use dialguard_envoyfilter::rollout::{self, CollectorManifests, RolloutArgs};
 use serde_json::{Value, json};
 
 const CRDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/istio-crds");
+const SHA: &str = "9a568aa32a25ec828ae7119647f1a1fb3ff56722bfdcc880c6f45ca7ce6ee868";
+
+/// A module `cargo xtask dist` built: `$DIALGUARD_DIST` (from the workspace
+/// root) or dist/.
+fn dist_module(build: Build) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir =
+        std::env::var_os("DIALGUARD_DIST").map_or_else(|| root.join("dist"), |d| root.join(d));
+    let path = dir.join(build.file_name());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask dist` first",
+        path.display()
+    );
+    path
+}
+
+/// The filter's JSON configuration and the vm_config sha256 of an EnvoyFilter.
+fn filter_config_and_sha(envoy_filter: &Value) -> (Value, String) {
+    let config =
+        &envoy_filter["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["config"];
+    let filter_config: Value =
+        serde_json::from_str(config["configuration"]["value"].as_str().expect("string"))
+            .expect("JSON");
+    let sha = config["vm_config"]["code"]["remote"]["sha256"]
+        .as_str()
+        .expect("sha256")
+        .to_owned();
+    (filter_config, sha)
+}
 
 fn args() -> RolloutArgs {
     RolloutArgs {
         namespaces: vec!["manager".into(), "app".into()],
         collector: "dialguard-collector.dialguard.svc.cluster.local:50051".into(),
-        module_url: "http://dialguard-collector.dialguard.svc.cluster.local:8080/module/dialguard_filter.wasm".into(),
-        module_sha256: "9a568aa32a25ec828ae7119647f1a1fb3ff56722bfdcc880c6f45ca7ce6ee868".into(),
+        module_url: Some("http://dialguard-collector.dialguard.svc.cluster.local:8080/module/dialguard_filter.wasm".into()),
+        module_sha256: Some(SHA.into()),
         service_cidrs: vec!["10.96.0.0/12".into()],
         pod_cidrs: vec!["10.244.0.0/16".into()],
         ..RolloutArgs::default()
@@ -110,7 +144,7 @@ fn envoy_filters_per_namespace_validate_against_the_crd() {
         assert_eq!(config["failure_policy"], "FAIL_OPEN");
         assert_eq!(config["vm_config"]["runtime"], "envoy.wasm.runtime.v8");
         let remote = &config["vm_config"]["code"]["remote"];
-        assert_eq!(remote["sha256"], args().module_sha256);
+        assert_eq!(remote["sha256"], SHA);
         assert_eq!(remote["http_uri"]["cluster"], rollout::MODULE_CLUSTER);
         let filter_config: Value =
             serde_json::from_str(config["configuration"]["value"].as_str().expect("string"))
@@ -120,6 +154,8 @@ fn envoy_filters_per_namespace_validate_against_the_crd() {
             rollout::COLLECTOR_CLUSTER
         );
         assert_eq!(filter_config["serviceCidrs"], json!(["10.96.0.0/12"]));
+        // The filter reports the sha256 it was pinned with in its hello.
+        assert_eq!(filter_config["moduleSha256"], SHA);
         // The filter itself accepts what was rendered.
         dialguard_filter_core::FilterConfig::from_json(filter_config.to_string().as_bytes())
             .expect("accepted");
@@ -184,13 +220,14 @@ fn collector_manifests_and_uninstall() {
         kinds,
         [
             "PersistentVolumeClaim",
+            "ConfigMap",
             "Deployment",
             "Service",
             "EnvoyFilter",
             "EnvoyFilter"
         ]
     );
-    let service = &objects[2];
+    let service = &objects[3];
     assert!(
         service["spec"]["ports"]
             .as_array()
@@ -198,7 +235,7 @@ fn collector_manifests_and_uninstall() {
             .iter()
             .any(|p| p["name"].as_str().is_some_and(|n| n.starts_with("grpc-")))
     );
-    assert_eq!(objects[1]["spec"]["replicas"], 1);
+    assert_eq!(objects[2]["spec"]["replicas"], 1);
 
     let removal = rollout::uninstall(&with_collector).expect("renders");
     let removed: Vec<(&str, &str)> = removal
@@ -214,6 +251,7 @@ fn collector_manifests_and_uninstall() {
     assert_eq!(
         removed,
         [
+            ("ConfigMap", "dialguard"),
             ("Deployment", "dialguard"),
             ("Service", "dialguard"),
             ("EnvoyFilter", "manager"),
@@ -248,12 +286,12 @@ fn bad_flags_are_named() {
             "expected a CIDR",
         ),
         (
-            |a| a.module_sha256 = "abc".into(),
+            |a| a.module_sha256 = Some("abc".into()),
             "--module-sha256",
             "64 hexadecimal",
         ),
         (
-            |a| a.module_sha256 = "g".repeat(64),
+            |a| a.module_sha256 = Some("g".repeat(64)),
             "--module-sha256",
             "64 hexadecimal",
         ),
@@ -273,12 +311,12 @@ fn bad_flags_are_named() {
             "HOST:PORT",
         ),
         (
-            |a| a.module_url = "ftp://x/m.wasm".into(),
+            |a| a.module_url = Some("ftp://x/m.wasm".into()),
             "--module-url",
             "http:// or https://",
         ),
         (
-            |a| a.module_url = "not a url".into(),
+            |a| a.module_url = Some("not a url".into()),
             "--module-url",
             "http:// or https://",
         ),
@@ -309,13 +347,357 @@ fn bad_flags_are_named() {
         assert!(err.to_string().contains(expected), "{err}");
         assert!(rollout::uninstall(&bad).is_err());
     }
-    // Enforce with the pod ranges renders.
+    // Enforce with the pod ranges and the enforce module's URL renders.
     let mut enforce = args();
     enforce.mode = "enforce".into();
+    enforce.module_url = Some(rollout::in_cluster_module_url("dialguard", Build::Enforce));
     enforce.pod_cidrs = vec!["10.244.0.0/16".into()];
     assert!(rollout::render(&enforce).is_ok());
     // IPv6 collector addresses are fine in brackets.
     let mut v6 = args();
     v6.collector = "[fd00::10]:50051".into();
     assert!(rollout::render(&v6).is_ok());
+}
+
+#[test]
+fn the_shipped_builds_are_told_apart_by_their_exports() {
+    for build in [Build::Audit, Build::Enforce] {
+        let path = dist_module(build);
+        let bytes = std::fs::read(&path).expect("module");
+        let info = module::inspect(&bytes).expect("a dialguard module");
+        assert_eq!(info.build, build, "{}", path.display());
+        // The same digest coreutils computes.
+        let sum = Command::new("sha256sum")
+            .arg(&path)
+            .output()
+            .expect("sha256sum");
+        let sum = String::from_utf8_lossy(&sum.stdout);
+        assert_eq!(Some(info.sha256.as_str()), sum.split_whitespace().next());
+    }
+    // Not a module at all, and a module that is no proxy-wasm filter.
+    let err = module::inspect(b"{\"mode\": \"audit\"}").expect_err("JSON");
+    assert!(err.contains("not a WebAssembly module"), "{err}");
+    let empty = b"\0asm\x01\0\0\0";
+    let err = module::inspect(empty).expect_err("empty module");
+    assert!(err.contains("exports no proxy_on_context_create"), "{err}");
+}
+
+fn with_collector() -> CollectorManifests {
+    CollectorManifests {
+        namespace: "dialguard".into(),
+        image: "registry.example.com/dialguard:0.1.0".into(),
+        storage: "1Gi".into(),
+    }
+}
+
+#[test]
+fn enforce_with_the_collector_points_to_the_enforce_module() {
+    let enforce_file = dist_module(Build::Enforce);
+    let enforce_sha = module::sha256_hex(&std::fs::read(&enforce_file).expect("module"));
+    for wasm_plugin in [false, true] {
+        // No URL and no sha256: the collector's enforce URL, the file's digest.
+        let mut enforce = args();
+        enforce.mode = "enforce".into();
+        enforce.module_url = None;
+        enforce.module_sha256 = None;
+        enforce.module_file = Some(enforce_file.clone());
+        enforce.wasm_plugin = wasm_plugin;
+        enforce.collector_manifests = Some(with_collector());
+        let objects = rollout::render(&enforce).expect("renders");
+        assert_valid(&objects);
+        let url = "http://dialguard-collector.dialguard.svc.cluster.local:8080/module/dialguard_filter_enforce.wasm";
+        if wasm_plugin {
+            let plugin = objects
+                .iter()
+                .find(|o| o["kind"] == "WasmPlugin")
+                .expect("plugin");
+            assert_eq!(plugin["spec"]["url"], url);
+            assert_eq!(plugin["spec"]["sha256"], enforce_sha);
+            assert_eq!(plugin["spec"]["pluginConfig"]["mode"], "enforce");
+            assert_eq!(plugin["spec"]["pluginConfig"]["moduleSha256"], enforce_sha);
+        } else {
+            let filter = objects
+                .iter()
+                .find(|o| o["kind"] == "EnvoyFilter")
+                .expect("filter");
+            let (config, sha) = filter_config_and_sha(filter);
+            assert_eq!(sha, enforce_sha);
+            assert_eq!(config["mode"], "enforce");
+            assert_eq!(config["moduleSha256"], enforce_sha);
+            let remote = &filter["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["config"]
+                ["vm_config"]["code"]["remote"];
+            assert_eq!(remote["http_uri"]["uri"], url);
+            // The filter accepts it.
+            dialguard_filter_core::FilterConfig::from_json(config.to_string().as_bytes())
+                .expect("accepted");
+        }
+    }
+
+    // With only the sha256, the mode picks the URL; audit gets the audit build.
+    let mut by_mode = args();
+    by_mode.module_url = None;
+    by_mode.collector_manifests = Some(with_collector());
+    for (mode, file) in [
+        ("audit", "dialguard_filter.wasm"),
+        ("enforce", "dialguard_filter_enforce.wasm"),
+    ] {
+        by_mode.mode = mode.into();
+        let objects = rollout::render(&by_mode).expect("renders");
+        let filter = objects
+            .iter()
+            .find(|o| o["kind"] == "EnvoyFilter")
+            .expect("filter");
+        let uri = &filter["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["config"]["vm_config"]
+            ["code"]["remote"]["http_uri"]["uri"];
+        assert!(
+            uri.as_str()
+                .is_some_and(|u| u.ends_with(&format!("/module/{file}"))),
+            "{mode}: {uri}"
+        );
+        let (config, sha) = filter_config_and_sha(filter);
+        assert_eq!(
+            (config["moduleSha256"].as_str(), sha.as_str()),
+            (Some(SHA), SHA)
+        );
+    }
+
+    // The kill switch: the enforce file in audit mode keeps the enforce URL.
+    let mut kill_switch = args();
+    kill_switch.module_url = None;
+    kill_switch.module_sha256 = None;
+    kill_switch.module_file = Some(enforce_file.clone());
+    kill_switch.collector_manifests = Some(with_collector());
+    let objects = rollout::render(&kill_switch).expect("renders");
+    let filter = objects
+        .iter()
+        .find(|o| o["kind"] == "EnvoyFilter")
+        .expect("filter");
+    let (config, sha) = filter_config_and_sha(filter);
+    assert_eq!(
+        (config["mode"].as_str(), sha.as_str()),
+        (Some("audit"), enforce_sha.as_str())
+    );
+
+    // A URL of the user's own with the enforce file: its build is known.
+    let mut own_url = args();
+    own_url.mode = "enforce".into();
+    own_url.module_url = Some("https://modules.example.com/dialguard/v0.1.0.wasm".into());
+    own_url.module_sha256 = Some(enforce_sha.to_ascii_uppercase());
+    own_url.module_file = Some(enforce_file);
+    let objects = rollout::render(&own_url).expect("renders");
+    assert_valid(&objects);
+    assert_eq!(filter_config_and_sha(&objects[0]).1, enforce_sha);
+}
+
+#[test]
+fn a_module_that_cannot_run_the_mode_is_refused_naming_the_flag() {
+    let audit_file = dist_module(Build::Audit);
+    let enforce_file = dist_module(Build::Enforce);
+    let audit_sha = module::sha256_hex(&std::fs::read(&audit_file).expect("module"));
+    let not_wasm = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    let mismatch = format!(
+        "does not match --module {} (sha256 {audit_sha})",
+        audit_file.display()
+    );
+    let enforce = || RolloutArgs {
+        mode: "enforce".into(),
+        ..args()
+    };
+    let cases: Vec<(RolloutArgs, &str, &str)> = vec![
+        // Today's trap: enforce with the audit module's URL.
+        (
+            enforce(),
+            "--module-url",
+            "names the audit build, which refuses --mode enforce",
+        ),
+        (
+            RolloutArgs {
+                module_url: Some("https://modules.example.com/dialguard.wasm".into()),
+                ..enforce()
+            },
+            "--module-url",
+            "cannot tell which build this URL serves",
+        ),
+        (
+            RolloutArgs {
+                module_url: Some("https://modules.example.com/dialguard.wasm".into()),
+                module_file: Some(audit_file.clone()),
+                module_sha256: None,
+                ..enforce()
+            },
+            "--module",
+            "this is the audit build",
+        ),
+        (
+            RolloutArgs {
+                module_url: None,
+                module_sha256: None,
+                module_file: Some(audit_file.clone()),
+                collector_manifests: Some(with_collector()),
+                ..enforce()
+            },
+            "--module",
+            "expected the enforce build, dialguard_filter_enforce.wasm",
+        ),
+        // The file and the URL disagree about the build.
+        (
+            RolloutArgs {
+                module_sha256: None,
+                module_file: Some(enforce_file.clone()),
+                ..enforce()
+            },
+            "--module-url",
+            "names the audit build but --module",
+        ),
+        (
+            RolloutArgs {
+                module_url: Some(rollout::in_cluster_module_url("dialguard", Build::Enforce)),
+                module_sha256: None,
+                module_file: Some(audit_file.clone()),
+                ..args()
+            },
+            "--module-url",
+            "names the enforce build but --module",
+        ),
+        // The file and the sha256 disagree.
+        (
+            RolloutArgs {
+                module_file: Some(audit_file.clone()),
+                ..args()
+            },
+            "--module-sha256",
+            &mismatch,
+        ),
+        (
+            RolloutArgs {
+                module_file: Some(not_wasm),
+                module_sha256: None,
+                ..args()
+            },
+            "--module",
+            "not a WebAssembly module",
+        ),
+        (
+            RolloutArgs {
+                module_file: Some("/nonexistent/dialguard_filter.wasm".into()),
+                ..args()
+            },
+            "--module",
+            "cannot read it",
+        ),
+        (
+            RolloutArgs {
+                module_sha256: None,
+                ..args()
+            },
+            "--module-sha256",
+            "or --module PATH",
+        ),
+        (
+            RolloutArgs {
+                module_url: None,
+                ..args()
+            },
+            "--module-url",
+            "only --with-collector knows it",
+        ),
+    ];
+    for (bad, flag, expected) in cases {
+        let err = rollout::render(&bad).expect_err(expected);
+        assert_eq!(err.flag, flag, "{err}");
+        assert!(err.to_string().contains(expected), "{err}");
+    }
+    // The audit file with its own sha256 in audit mode is fine.
+    let audit = RolloutArgs {
+        module_file: Some(audit_file),
+        module_sha256: Some(audit_sha.clone()),
+        ..args()
+    };
+    let objects = rollout::render(&audit).expect("renders");
+    assert_eq!(filter_config_and_sha(&objects[0]).1, audit_sha);
+}
+
+#[test]
+fn the_collector_is_told_which_namespaces_to_expect() {
+    let mut rolled = args();
+    rolled.namespaces = vec!["manager".into(), "app".into(), "manager".into()];
+    rolled.collector_manifests = Some(with_collector());
+    let objects = rollout::render(&rolled).expect("renders");
+    let config_map = objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap")
+        .expect("ConfigMap");
+    assert_eq!(
+        config_map["metadata"]["name"],
+        rollout::EXPECTED_NAMESPACES_CONFIGMAP
+    );
+    assert_eq!(config_map["metadata"]["namespace"], "dialguard");
+    assert_eq!(config_map["data"]["namespaces"], "manager\napp\n");
+
+    let deployment = objects
+        .iter()
+        .find(|o| o["kind"] == "Deployment")
+        .expect("Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let file = args
+        .windows(2)
+        .find(|w| w[0] == "--expect-namespaces-file")
+        .map(|w| w[1])
+        .expect("--expect-namespaces-file");
+    assert_eq!(file, "/etc/dialguard/expected-namespaces/namespaces");
+    // Both builds are served.
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--module", "/opt/dialguard/dialguard_filter.wasm"])
+    );
+    assert!(args.windows(2).any(|w| w
+        == [
+            "--enforce-module",
+            "/opt/dialguard/dialguard_filter_enforce.wasm"
+        ]));
+    // The file is the ConfigMap's key inside the directory it is mounted as.
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["configMap"]["name"] == rollout::EXPECTED_NAMESPACES_CONFIGMAP)
+        .expect("ConfigMap volume");
+    let mount = container["volumeMounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("mounted");
+    assert!(
+        mount.get("subPath").is_none(),
+        "a subPath mount never sees updates"
+    );
+    assert_eq!(
+        format!(
+            "{}/{}",
+            mount["mountPath"].as_str().expect("path"),
+            rollout::EXPECTED_NAMESPACES_KEY
+        ),
+        file
+    );
+    // A new list restarts the collector.
+    let annotation = |objects: &[Value]| {
+        objects.iter().find(|o| o["kind"] == "Deployment").expect("Deployment")["spec"]["template"]
+            ["metadata"]["annotations"]["dialguard.io/expected-namespaces-sha256"]
+            .clone()
+    };
+    let before = annotation(&objects);
+    assert!(before.is_string());
+    rolled.namespaces.push("billing".into());
+    assert_ne!(
+        annotation(&rollout::render(&rolled).expect("renders")),
+        before
+    );
 }
