@@ -721,6 +721,11 @@ impl Envoy {
                 // Access logs reach the file within 0.2 s (the default is 10 s).
                 "--file-flush-interval-msec",
                 "200",
+                // Listener updates drain the old filter chains for 2 s
+                // (Envoy's default is 600 s, Istio's 45 s), so a test sees
+                // the old dialguard root retired.
+                "--drain-time-s",
+                "2",
             ]);
         if let Some(id) = user {
             // std clears the supplementary groups when root sets a uid.

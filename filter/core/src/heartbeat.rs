@@ -79,6 +79,11 @@ impl HeartbeatClock {
         self.due_nanos = 0;
     }
 
+    /// A new interval (the filter was reconfigured), from the next heartbeat on.
+    pub fn set_interval(&mut self, interval_ms: u64) {
+        self.interval_nanos = interval_ms.saturating_mul(1_000_000);
+    }
+
     /// When the next heartbeat is due (0: now).
     pub fn due_nanos(&self) -> u64 {
         self.due_nanos

@@ -67,6 +67,27 @@ impl Outbox {
         let size = event.encoded_len();
         self.queue.push_back((event, size));
         self.bytes += size;
+        self.trim();
+    }
+
+    /// New limits (the filter was reconfigured): what is buffered stays,
+    /// down to the new bounds, the oldest dropped and counted first.
+    pub fn set_limits(&mut self, limits: OutboxLimits) {
+        self.limits = limits;
+        self.trim();
+    }
+
+    /// Gives up every buffered event (they cannot be delivered any more),
+    /// counted as dropped; returns how many.
+    pub fn give_up(&mut self) -> u64 {
+        let given_up = self.queue.len() as u64;
+        self.queue.clear();
+        self.bytes = 0;
+        self.dropped_total += given_up;
+        given_up
+    }
+
+    fn trim(&mut self) {
         while self.queue.len() > self.limits.max_events
             || (self.bytes > self.limits.max_bytes && self.queue.len() > 1)
         {

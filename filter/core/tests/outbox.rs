@@ -82,3 +82,39 @@ fn byte_limit_bounds_memory() {
     assert!(outbox.buffered_bytes() <= 64, "{}", outbox.buffered_bytes());
     assert_eq!(outbox.len() as u64 + outbox.dropped_total(), 100);
 }
+
+#[test]
+fn new_limits_keep_what_fits_and_count_the_rest() {
+    let mut outbox = outbox(10, 5);
+    push(&mut outbox, 8);
+    outbox.take_batch().unwrap();
+    outbox.set_limits(OutboxLimits {
+        max_events: 6,
+        max_bytes: 1 << 20,
+        max_batch_events: 2,
+    });
+    assert_eq!(outbox.len(), 6);
+    assert_eq!(outbox.dropped_total(), 2);
+    // Sequences go on; the next batch uses the new batch size.
+    push(&mut outbox, 1);
+    assert_eq!(outbox.len(), 6);
+    assert_eq!(outbox.dropped_total(), 3);
+    outbox.rewind();
+    assert_eq!(
+        sequences(&mut outbox),
+        vec![vec![4, 5], vec![6, 7], vec![8, 9]]
+    );
+}
+
+#[test]
+fn giving_up_counts_every_buffered_event_as_dropped() {
+    let mut outbox = outbox(10, 5);
+    push(&mut outbox, 4);
+    outbox.acknowledge(1);
+    assert_eq!(outbox.give_up(), 3);
+    assert!(outbox.is_empty());
+    assert_eq!(outbox.dropped_total(), 3);
+    assert_eq!(outbox.delivery_counters().dropped, 3);
+    push(&mut outbox, 1);
+    assert_eq!(sequences(&mut outbox), vec![vec![5]]);
+}

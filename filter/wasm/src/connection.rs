@@ -4,11 +4,11 @@
 //! failed or never existed) if it ended first. In enforce mode its first
 //! data in either direction is a third chance, so no byte passes unjudged.
 
-use dialguard_filter_core::{JudgePoint, Mode, Outcome, judge};
+use dialguard_filter_core::{FilterConfig, JudgePoint, Mode, Outcome, judge};
 
 use crate::host::{EnvoyConnection, now_unix_nanos};
 use crate::metrics;
-use crate::root::Root;
+use crate::reporter::Reporter;
 
 /// What judging did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,41 +20,42 @@ pub enum Judged {
     Done { close: bool },
 }
 
-/// Judges, counts and records the connection whose context is current.
-pub fn judge_and_record(root: &mut Root, at: JudgePoint) -> Judged {
+/// Judges the connection whose context is current by `config` (its root's),
+/// and counts and records it in the VM's `reporter`.
+pub fn judge_and_record(config: &FilterConfig, reporter: &mut Reporter, at: JudgePoint) -> Judged {
     let mut facts = EnvoyConnection::default();
-    let judgement = match judge(&root.config, &mut root.upstreams, &mut facts, at) {
+    let judgement = match judge(config, &mut reporter.upstreams, &mut facts, at) {
         Outcome::NotYet => return Judged::NotYet,
         Outcome::Unjudged => {
-            metrics::add(root.metrics.unjudged, 1);
-            root.tally.unjudged();
+            metrics::add(reporter.metrics.unjudged, 1);
+            reporter.tally.unjudged();
             return Judged::Done { close: false };
         }
         Outcome::Judged(judgement) => judgement,
     };
-    metrics::add(root.metrics.verdict(judgement.verdict), 1);
-    root.tally.judged(judgement.verdict);
+    metrics::add(reporter.metrics.verdict(judgement.verdict), 1);
+    reporter.tally.judged(judgement.verdict);
     // At the end there is nothing left to close.
     let enforced =
-        at == JudgePoint::Open && root.config.mode == Mode::Enforce && judgement.would_close();
+        at == JudgePoint::Open && config.mode == Mode::Enforce && judgement.would_close();
     if judgement.is_reported() {
-        let dropped_before = root.outbox.dropped_total();
+        let dropped_before = reporter.outbox.dropped_total();
         let now = now_unix_nanos();
-        let metadata = &mut root.metadata;
-        root.outbox.push_with(|seq| {
+        let metadata = &mut reporter.metadata;
+        reporter.outbox.push_with(|seq| {
             let mut event = judgement.to_event(&mut facts, metadata, seq, now);
             event.enforced = enforced;
             event.judged_open = at == JudgePoint::Open;
             event
         });
         metrics::add(
-            root.metrics.events_dropped,
-            root.outbox.dropped_total() - dropped_before,
+            reporter.metrics.events_dropped,
+            reporter.outbox.dropped_total() - dropped_before,
         );
     }
     if enforced {
-        metrics::add(root.metrics.enforced, 1);
-        root.tally.enforced();
+        metrics::add(reporter.metrics.enforced, 1);
+        reporter.tally.enforced();
     }
     Judged::Done { close: enforced }
 }

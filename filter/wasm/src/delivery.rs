@@ -66,6 +66,37 @@ impl Delivery {
         }
     }
 
+    /// The filter was reconfigured: the next stream goes to `collector` with
+    /// the new `hello` (a stream carries one hello, so an open one is ended
+    /// and what it left unacknowledged goes again on the next) and starts
+    /// with a heartbeat at once, so the collector learns the change.
+    pub fn reconfigure(&mut self, collector: &CollectorConfig, hello: Hello, outbox: &mut Outbox) {
+        let hello = SidecarMessage {
+            kind: Some(sidecar_message::Kind::Hello(hello)),
+        }
+        .encode_to_vec();
+        self.flush_interval_nanos = collector.flush_interval_ms.saturating_mul(1_000_000);
+        if hello == self.hello && collector.cluster == self.cluster {
+            return;
+        }
+        self.hello = hello;
+        self.cluster.clone_from(&collector.cluster);
+        self.heartbeat.set_interval(collector.heartbeat_interval_ms);
+        self.heartbeat.failed();
+        if let Some(stream) = self.stream.take() {
+            let _ = abi::grpc_cancel(stream.token);
+            outbox.rewind();
+        }
+    }
+
+    /// The root whose context opened the streams is gone, and its streams
+    /// with it: what they left unacknowledged goes again on the next.
+    pub fn streams_lost(&mut self, outbox: &mut Outbox) {
+        self.stream = None;
+        self.closing = None;
+        outbox.rewind();
+    }
+
     /// Sends a heartbeat when due and, with `flush`, every batch not yet
     /// sent; then ends an idle stream.
     pub fn on_tick(

@@ -9,6 +9,13 @@
 //! then in `judged` until its end, so it is counted once. A connection that
 //! ends first is judged in `on_log`. Long-lived connections thus cost
 //! nothing per data chunk, and a misroute is reported while it is open.
+//!
+//! Roots come and go with configuration changes (Envoy creates the new root
+//! before it retires the old one); the VM's [`Reporter`] stays, so nothing
+//! buffered goes with a root. When the last root goes (its listeners
+//! removed, or Envoy shutting down) the VM goes with it and nothing more can
+//! be sent: what is still unacknowledged is given up, counted and logged
+//! ([`Reporter::give_up_for_good`]).
 #![allow(unsafe_code)] // exported callbacks are `no_mangle` functions
 
 use std::cell::RefCell;
@@ -17,6 +24,8 @@ use std::collections::HashSet;
 use dialguard_filter_core::JudgePoint;
 
 use crate::connection::{self, Judged};
+use crate::host::now_unix_nanos;
+use crate::reporter::Reporter;
 use crate::root::Root;
 
 /// Most connections tracked in `pending`, and in `judged`; beyond it a new
@@ -28,6 +37,8 @@ const MAX_TRACKED_CONNECTIONS: usize = 65_536;
 struct Vm {
     /// Root context id, and its state once configured.
     roots: Vec<(u32, Option<Root>)>,
+    /// Everything reported, once a root was configured.
+    reporter: Option<Reporter>,
     /// Connections not judged yet: (context id, root id), in creation order,
     /// so sorted by id (Envoy's context ids only grow).
     pending: Vec<(u32, u32)>,
@@ -36,10 +47,6 @@ struct Vm {
 }
 
 impl Vm {
-    fn root(&mut self, root_id: u32) -> Option<&mut Root> {
-        find_root(&mut self.roots, root_id)
-    }
-
     fn pending_index(&self, context_id: u32) -> Option<usize> {
         self.pending
             .binary_search_by_key(&context_id, |(id, _)| *id)
@@ -58,13 +65,13 @@ thread_local! {
     static VM: RefCell<Vm> = RefCell::new(Vm::default());
 }
 
-fn with_root(root_id: u32, f: impl FnOnce(&mut Root)) {
+fn with_reporter(f: impl FnOnce(&mut Reporter)) {
     VM.with(|vm| {
         let Ok(mut vm) = vm.try_borrow_mut() else {
             return;
         };
-        if let Some(root) = vm.root(root_id) {
-            f(root);
+        if let Some(reporter) = vm.reporter.as_mut() {
+            f(reporter);
         }
     });
 }
@@ -105,6 +112,11 @@ pub extern "C" fn proxy_on_configure(root_id: u32, _configuration_size: usize) -
         let Ok(mut vm) = vm.try_borrow_mut() else {
             return 0;
         };
+        match vm.reporter.as_mut() {
+            Some(reporter) => reporter.reconfigure(&root.config),
+            None => vm.reporter = Some(Reporter::new(&root.config)),
+        }
+        // Reconfiguring an existing root replaces its configuration only.
         match vm.roots.iter_mut().find(|(id, _)| *id == root_id) {
             Some((_, slot)) => *slot = Some(root),
             None => vm.roots.push((root_id, Some(root))),
@@ -123,10 +135,11 @@ pub extern "C" fn proxy_on_tick(root_id: u32) {
         };
         let Vm {
             roots,
+            reporter,
             pending,
             judged,
         } = &mut *vm;
-        let Some(root) = find_root(roots, root_id) else {
+        let (Some(root), Some(reporter)) = (find_root(roots, root_id), reporter.as_mut()) else {
             return;
         };
         let mut switched = false;
@@ -138,7 +151,7 @@ pub extern "C" fn proxy_on_tick(root_id: u32) {
                 return false; // gone without an on_log: nothing to judge
             }
             switched = true;
-            match connection::judge_and_record(root, JudgePoint::Open) {
+            match connection::judge_and_record(&root.config, reporter, JudgePoint::Open) {
                 Judged::NotYet => true,
                 Judged::Done { close } => {
                     if close {
@@ -153,7 +166,7 @@ pub extern "C" fn proxy_on_tick(root_id: u32) {
             // The flush's gRPC calls must act for the root again.
             let _ = crate::abi::set_effective_context(root_id);
         }
-        root.on_tick();
+        reporter.on_tick(root_id, now_unix_nanos());
     });
 }
 
@@ -183,29 +196,46 @@ pub extern "C" fn proxy_on_log(context_id: u32) {
                 _ => return,
             }
         };
-        if let Some(root) = vm.root(root_id) {
-            connection::judge_and_record(root, JudgePoint::End);
+        let Vm {
+            roots, reporter, ..
+        } = &mut *vm;
+        if let (Some(root), Some(reporter)) = (find_root(roots, root_id), reporter.as_mut()) {
+            connection::judge_and_record(&root.config, reporter, JudgePoint::End);
         }
     });
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn proxy_on_grpc_receive(root_id: u32, token: u32, size: usize) {
-    with_root(root_id, |root| root.on_grpc_receive(token, size));
+pub extern "C" fn proxy_on_grpc_receive(_root_id: u32, token: u32, size: usize) {
+    with_reporter(|reporter| reporter.on_grpc_receive(token, size));
 }
 
 #[unsafe(no_mangle)]
-pub extern "C" fn proxy_on_grpc_close(root_id: u32, token: u32, status: u32) {
-    with_root(root_id, |root| root.on_grpc_close(token, status));
+pub extern "C" fn proxy_on_grpc_close(_root_id: u32, token: u32, status: u32) {
+    with_reporter(|reporter| reporter.on_grpc_close(token, status, now_unix_nanos()));
 }
 
-/// Called for root contexts when their configuration goes away (and, rarely,
-/// for a connection context): a root's state is dropped.
+/// Called for a root context when its configuration goes away (and, rarely,
+/// for a connection context). The VM's reporter keeps every event while
+/// another root remains; Envoy neither ticks a root it retired nor keeps a
+/// VM without roots, so the last root's unacknowledged events are given up
+/// here, counted and logged.
 #[unsafe(no_mangle)]
 pub extern "C" fn proxy_on_done(context_id: u32) -> u32 {
     VM.with(|vm| {
-        if let Ok(mut vm) = vm.try_borrow_mut() {
-            vm.roots.retain(|(id, _)| *id != context_id);
+        let Ok(mut vm) = vm.try_borrow_mut() else {
+            return;
+        };
+        let Vm {
+            roots, reporter, ..
+        } = &mut *vm;
+        roots.retain(|(id, _)| *id != context_id);
+        let Some(reporter) = reporter.as_mut() else {
+            return;
+        };
+        reporter.root_gone(context_id);
+        if roots.iter().all(|(_, root)| root.is_none()) {
+            reporter.give_up_for_good();
         }
     });
     1
@@ -229,13 +259,16 @@ fn on_first_data(context_id: u32) -> u32 {
             return CONTINUE; // already judged, or not tracked
         };
         let root_id = vm.pending.get(index).map_or(0, |(_, root)| *root);
-        let Some(root) = vm.root(root_id) else {
+        let Vm {
+            roots, reporter, ..
+        } = &mut *vm;
+        let (Some(root), Some(reporter)) = (find_root(roots, root_id), reporter.as_mut()) else {
             return CONTINUE;
         };
         if root.config.mode != dialguard_filter_core::Mode::Enforce {
             return CONTINUE; // audit configuration: judged on the timer
         }
-        match connection::judge_and_record(root, JudgePoint::Open) {
+        match connection::judge_and_record(&root.config, reporter, JudgePoint::Open) {
             Judged::NotYet => CONTINUE,
             Judged::Done { close } => {
                 vm.pending.remove(index);

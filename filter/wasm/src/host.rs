@@ -109,19 +109,24 @@ pub fn now_unix_nanos() -> u64 {
 /// apart: an ordinal claimed through shared data (atomic compare-and-swap
 /// across the VMs of one Envoy) does.
 pub fn vm_instance() -> String {
-    const KEY: &str = "dialguard.vm_ordinal";
-    let mut ordinal = 0u64;
+    let ordinal =
+        update_shared_count("dialguard.vm_ordinal", |last| last + 1).map_or(0, |last| last + 1);
+    format!("{:016x}-{ordinal}", now_unix_nanos())
+}
+
+/// Replaces a count in shared data (shared by this Envoy's VMs) by
+/// `update` of it, atomically (compare-and-swap, a
+/// bounded number of tries); returns the count it replaced, `None` if it
+/// could not.
+fn update_shared_count(key: &str, update: impl Fn(u64) -> u64) -> Option<u64> {
     for _ in 0..64 {
-        let Ok((value, cas)) = abi::shared_data(KEY) else {
-            break;
-        };
-        let last = value
+        let (value, cas) = abi::shared_data(key).ok()?;
+        let count = value
             .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
             .map_or(0, u64::from_le_bytes);
-        if abi::set_shared_data(KEY, &(last + 1).to_le_bytes(), cas).is_ok() {
-            ordinal = last + 1;
-            break;
+        if abi::set_shared_data(key, &update(count).to_le_bytes(), cas).is_ok() {
+            return Some(count);
         }
     }
-    format!("{:016x}-{ordinal}", now_unix_nanos())
+    None
 }

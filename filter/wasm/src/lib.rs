@@ -21,4 +21,5 @@ mod delivery;
 mod exports;
 mod host;
 mod metrics;
+mod reporter;
 mod root;
