@@ -240,7 +240,7 @@ impl CollectorService {
             .hello(&vm, &hello, crate::time::now_unix_nanos())?;
         self.notify.directory.record(&hello);
         self.writer
-            .seen(Arc::clone(&hello), crate::time::now_unix_nanos())
+            .note_seen(Arc::clone(&hello), crate::time::now_unix_nanos())
             .await?;
         self.metrics.streams_connected.inc();
         let result = self.serve_batches(&hello, &vm, inbound, tx).await;
@@ -248,10 +248,11 @@ impl CollectorService {
         self.notify
             .inventory
             .touch(&vm, crate::time::now_unix_nanos());
-        // The directory remembers when the pod was last connected.
+        // The directory remembers when the pod was last connected (queued,
+        // as at hello: nobody needs to wait for it).
         let _ = self
             .writer
-            .seen(Arc::clone(&hello), crate::time::now_unix_nanos())
+            .note_seen(Arc::clone(&hello), crate::time::now_unix_nanos())
             .await;
         result
     }

@@ -474,17 +474,33 @@ impl Inventory {
         before - vms.len()
     }
 
-    /// Per namespace, as now: for the gauges.
+    /// Per namespace, as now: for the gauges, at every scrape. Pods are
+    /// summed in a hash map (no sorting, nothing copied) while the lock is
+    /// held: ingest waits meanwhile.
     pub fn namespaces(&self, now_ns: u64) -> Vec<NamespaceCoverage> {
-        let scope = CoverageScope {
-            now_ns,
-            expected: self.config.expected.clone(),
-            forget_stale: self.config.forget_stale,
-            ..CoverageScope::default()
-        };
+        let forget = u64::try_from(self.config.forget_stale.as_nanos()).unwrap_or(u64::MAX);
         let vms = self.lock();
-        let pods = pods(vms.iter(), &scope);
-        namespaces(&pods, &scope)
+        // Per pod: a VM fresh, when the last one goes stale, connections judged.
+        let mut pods: HashMap<PodKey<'_>, (bool, u64, u64), foldhash::fast::RandomState> =
+            HashMap::default();
+        for (key, vm) in vms.iter() {
+            let name = if vm.pod_name.is_empty() {
+                &*key.node_id
+            } else {
+                &*vm.pod_name
+            };
+            let pod = pods.entry((&vm.namespace, name)).or_default();
+            pod.0 |= vm.is_fresh(now_ns);
+            pod.1 = pod.1.max(vm.stale_at_ns());
+            pod.2 = pod
+                .2
+                .saturating_add(ConnectionCounts::from_array(vm.connections).judged());
+        }
+        let listed = pods
+            .into_iter()
+            .filter(|(_, (fresh, stale_at, _))| *fresh || now_ns <= stale_at.saturating_add(forget))
+            .map(|((namespace, _), (fresh, _, judged))| (namespace, fresh, judged));
+        namespaces(listed, &self.config.expected, None)
     }
 }
 
@@ -755,13 +771,16 @@ fn pods<'a>(
     pods
 }
 
-fn namespaces(
-    pods: &BTreeMap<PodKey<'_>, Pod<'_>>,
-    scope: &CoverageScope,
+/// Per namespace from its listed pods (namespace, reporting, judged), with
+/// every expected namespace (only `only`, when given).
+fn namespaces<'a>(
+    pods: impl Iterator<Item = (&'a str, bool, u64)>,
+    expected: &'a BTreeSet<String>,
+    only: Option<&str>,
 ) -> Vec<NamespaceCoverage> {
     let mut by_namespace: BTreeMap<&str, NamespaceCoverage> = BTreeMap::new();
-    for expected in &scope.expected {
-        if scope.namespace.as_ref().is_some_and(|ns| ns != expected) {
+    for expected in expected {
+        if only.is_some_and(|ns| ns != expected) {
             continue;
         }
         by_namespace.insert(
@@ -773,22 +792,20 @@ fn namespaces(
             },
         );
     }
-    for ((namespace, _), pod) in pods {
+    for (namespace, fresh, judged) in pods {
         let entry = by_namespace
             .entry(namespace)
             .or_insert_with(|| NamespaceCoverage {
                 namespace: namespace.to_string(),
                 ..NamespaceCoverage::default()
             });
-        if pod.fresh {
+        if fresh {
             entry.sidecars += 1;
             entry.covered = true;
         } else {
             entry.stale += 1;
         }
-        entry.judged = entry
-            .judged
-            .saturating_add(ConnectionCounts::from_array(pod.connections).judged());
+        entry.judged = entry.judged.saturating_add(judged);
     }
     by_namespace.into_values().collect()
 }
@@ -799,7 +816,14 @@ pub fn coverage<'a>(
     scope: &CoverageScope,
 ) -> Coverage {
     let pods = pods(vms, scope);
-    let namespaces = namespaces(&pods, scope);
+    let namespaces = namespaces(
+        pods.iter().map(|((namespace, _), pod)| {
+            let judged = ConnectionCounts::from_array(pod.connections).judged();
+            (*namespace, pod.fresh, judged)
+        }),
+        &scope.expected,
+        scope.namespace.as_deref(),
+    );
     let uncovered = namespaces
         .iter()
         .filter(|ns| ns.expected && !ns.covered)

@@ -271,11 +271,7 @@ enum Request {
         reply: Reply<Committed>,
     },
     /// A sidecar identified itself or went away: refresh its directory entries.
-    Seen {
-        sidecar: Arc<Hello>,
-        at_ns: u64,
-        reply: Reply<()>,
-    },
+    Seen { sidecar: Arc<Hello>, at_ns: u64 },
     /// The inventory's changed VMs, written in one transaction.
     Inventory {
         vms: Vec<(VmKey, Vm)>,
@@ -407,16 +403,15 @@ impl Writer {
         Ok(PendingCommit { done })
     }
 
-    /// Records that the sidecar was connected at `at_ns` (directory, last
-    /// seen); returns once it is written, so a stream that has ended has its
-    /// disconnect in the directory.
-    pub async fn seen(&self, sidecar: Arc<Hello>, at_ns: u64) -> Result<(), StoreError> {
-        self.ask(|reply| Request::Seen {
-            sidecar,
-            at_ns,
-            reply,
-        })
-        .await
+    /// Queues the directory update for the sidecar without waiting for it:
+    /// ahead of any batch queued after it (one queue, written in order), so
+    /// a report made after a later commit sees it. Heartbeat streams must
+    /// not wait for a disk sync just to say hello.
+    pub async fn note_seen(&self, sidecar: Arc<Hello>, at_ns: u64) -> Result<(), StoreError> {
+        self.tx
+            .send(Request::Seen { sidecar, at_ns })
+            .await
+            .map_err(|_| StoreError::WriterGone)
     }
 
     /// Writes the inventory's changed VMs (one transaction for all).
@@ -570,11 +565,7 @@ impl WriterThread {
                         group_events += batch.events.len();
                         commits.push((batch, queued, reply));
                     }
-                    Request::Seen {
-                        sidecar,
-                        at_ns,
-                        reply,
-                    } => seen.push((sidecar, at_ns, reply)),
+                    Request::Seen { sidecar, at_ns } => seen.push((sidecar, at_ns)),
                     Request::Inventory { vms, reply } => {
                         let saved = save_inventory(&mut self.conn, &vms);
                         if let Err(err) = &saved {
@@ -589,13 +580,10 @@ impl WriterThread {
                 }
             }
             if !seen.is_empty() {
-                let recorded = record_seen(&mut self.conn, &seen).map_err(|err| err.to_string());
-                if let Err(err) = &recorded {
+                if let Err(err) = record_seen(&mut self.conn, &seen) {
                     tracing::error!("directory update failed: {err}");
                 }
-                for (_, _, reply) in seen.drain(..) {
-                    let _ = reply.send(recorded.clone());
-                }
+                seen.clear();
             }
             if !commits.is_empty() {
                 self.commit_group(&mut commits);
@@ -669,12 +657,9 @@ impl WriterThread {
     }
 }
 
-fn record_seen(
-    conn: &mut Connection,
-    seen: &[(Arc<Hello>, u64, Reply<()>)],
-) -> rusqlite::Result<()> {
+fn record_seen(conn: &mut Connection, seen: &[(Arc<Hello>, u64)]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
-    for (sidecar, at_ns, _) in seen {
+    for (sidecar, at_ns) in seen {
         let at_ns = *at_ns;
         let mut upsert = tx.prepare_cached(
             "INSERT INTO directory (ip, pod_name, namespace, workload_name, node_id,
