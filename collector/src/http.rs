@@ -13,6 +13,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use dialguard_envoyfilter::module::{self, Build};
 
+use crate::inventory::{Coverage, Inventory};
 use crate::metrics::{self, Metrics};
 use crate::report::{self, Report};
 use crate::store;
@@ -123,6 +124,7 @@ struct AppState {
     module: Option<Module>,
     enforce_module: Option<Module>,
     metrics: Metrics,
+    inventory: Inventory,
 }
 
 impl AppState {
@@ -142,11 +144,17 @@ pub struct Modules {
     pub enforce: Option<Module>,
 }
 
-pub fn router(db_path: PathBuf, modules: Modules, metrics: Metrics) -> Router {
+pub fn router(
+    db_path: PathBuf,
+    modules: Modules,
+    metrics: Metrics,
+    inventory: Inventory,
+) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_text))
-        .route("/api/v1/report", get(report_json));
+        .route("/api/v1/report", get(report_json))
+        .route("/api/v1/coverage", get(coverage_json));
     for (path, build) in [
         (MODULE_PATH, Build::Audit),
         (ENFORCE_MODULE_PATH, Build::Enforce),
@@ -170,11 +178,13 @@ pub fn router(db_path: PathBuf, modules: Modules, metrics: Metrics) -> Router {
         module: modules.audit,
         enforce_module: modules.enforce,
         metrics,
+        inventory,
     })
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
-    match state.metrics.encode() {
+    let namespaces = state.inventory.namespaces(crate::time::now_unix_nanos());
+    match state.metrics.encode_with_coverage(&namespaces) {
         Ok(text) => Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text)),
         Err(_) => Err((
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -230,6 +240,30 @@ async fn report_json(
     .await;
     match result {
         Ok(Ok(report)) => Ok(Json(report)),
+        Ok(Err(err)) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
+        Err(err) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
+    }
+}
+
+/// `GET /api/v1/coverage[?since=&until=&namespace=]`: the report's
+/// `coverage` alone, from the database as `report` reads it (`verdict` and
+/// `port` are accepted and do not narrow it).
+async fn coverage_json(
+    State(state): State<AppState>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Json<Coverage>, (StatusCode, Json<serde_json::Value>)> {
+    let error = |status, message: String| (status, Json(serde_json::json!({ "error": message })));
+    let filter = report::FilterArgs::from_query(query.as_deref().unwrap_or(""))
+        .and_then(|args| args.resolve(std::time::SystemTime::now()))
+        .map_err(|err| error(StatusCode::BAD_REQUEST, err.to_string()))?;
+    let db_path = state.db_path;
+    let result = tokio::task::spawn_blocking(move || {
+        let conn = store::open_for_reading(&db_path)?;
+        report::coverage(&conn, &filter)
+    })
+    .await;
+    match result {
+        Ok(Ok(coverage)) => Ok(Json(coverage)),
         Ok(Err(err)) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
         Err(err) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
     }

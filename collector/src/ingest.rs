@@ -1,6 +1,8 @@
-//! The gRPC service every sidecar VM streams to: `Hello` first, then batches,
-//! each acknowledged only after the store committed it. Invalid events are
-//! refused one by one (named in the ack); invalid streams end with a status.
+//! The gRPC service every sidecar VM streams to: `Hello` first, then batches
+//! and heartbeats; each batch acknowledged only after the store committed
+//! it. Invalid events are refused one by one (named in the ack); invalid
+//! streams (a bad hello, a heartbeat whose counters went back, a flood) end
+//! with a status.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -8,8 +10,8 @@ use std::time::Duration;
 
 use dialguard_proto::v1::collector_server::Collector;
 use dialguard_proto::v1::{
-    Ack, CollectorMessage, ConnectionEvent, EventBatch, Hello, Rejection, SidecarMessage, Verdict,
-    collector_message, sidecar_message,
+    Ack, Build, CollectorMessage, ConnectionEvent, EventBatch, Heartbeat, Hello, Mode, Rejection,
+    SidecarMessage, Verdict, collector_message, sidecar_message,
 };
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,6 +22,7 @@ use crate::alertmanager::AlertmanagerSink;
 use crate::directory::Directory;
 use crate::event::ValidEvent;
 use crate::finding::{self, Cause};
+use crate::inventory::{INTERVAL_RANGE_MS, Inventory, InventoryError, VmKey};
 use crate::metrics::Metrics;
 use crate::store::{Batch, Committed, PendingCommit, StoreError, Writer};
 
@@ -34,6 +37,8 @@ pub struct Limits {
     pub max_streams: usize,
     /// How long a new stream has to send its `hello` (`DEADLINE_EXCEEDED`).
     pub hello_timeout: Duration,
+    /// Most sidecar VMs in the inventory (`RESOURCE_EXHAUSTED` for a new one).
+    pub max_vms: usize,
 }
 
 impl Default for Limits {
@@ -43,6 +48,7 @@ impl Default for Limits {
             max_batch_events: 10_000,
             max_streams: 20_000,
             hello_timeout: Duration::from_secs(10),
+            max_vms: crate::inventory::DEFAULT_MAX_VMS,
         }
     }
 }
@@ -55,9 +61,15 @@ pub enum IngestError {
     NoHello(Duration),
     #[error("hello.{0}: required, empty")]
     HelloField(&'static str),
+    #[error("hello.{field}: {value}, expected {expected}")]
+    HelloValue {
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error("`hello` may only be sent once per stream")]
     SecondHello,
-    #[error("message has no `kind`: expected `hello` or `batch`")]
+    #[error("message has no `kind`: expected `hello`, `batch` or `heartbeat`")]
     EmptyMessage,
     #[error("batch.events: {events} events, expected at most {max} per batch")]
     BatchTooLarge { events: usize, max: usize },
@@ -67,6 +79,8 @@ pub enum IngestError {
     Store(#[from] StoreError),
     #[error("the collector is shutting down")]
     ShuttingDown,
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
 }
 
 impl From<IngestError> for Status {
@@ -75,13 +89,20 @@ impl From<IngestError> for Status {
         match err {
             IngestError::Store(_) => Status::internal(message),
             IngestError::ShuttingDown => Status::unavailable(message),
-            IngestError::TooManyStreams(_) => Status::resource_exhausted(message),
+            IngestError::TooManyStreams(_)
+            | IngestError::Inventory(InventoryError::Full(_) | InventoryError::Flood(_)) => {
+                Status::resource_exhausted(message)
+            }
             IngestError::NoHello(_) => Status::deadline_exceeded(message),
             IngestError::HelloFirst
             | IngestError::HelloField(_)
+            | IngestError::HelloValue { .. }
             | IngestError::SecondHello
             | IngestError::EmptyMessage
-            | IngestError::BatchTooLarge { .. } => Status::invalid_argument(message),
+            | IngestError::BatchTooLarge { .. }
+            | IngestError::Inventory(
+                InventoryError::Backwards { .. } | InventoryError::ExpectedNamespace { .. },
+            ) => Status::invalid_argument(message),
         }
     }
 }
@@ -92,6 +113,8 @@ pub struct Notify {
     pub alerts: AlertSink,
     pub alertmanager: Option<AlertmanagerSink>,
     pub directory: Directory,
+    /// Every VM's identity and counters (coverage).
+    pub inventory: Inventory,
 }
 
 #[derive(Debug, Clone)]
@@ -209,18 +232,27 @@ impl CollectorService {
                 return Ok(());
             }
         };
-        tracing::info!(node = %hello.node_id, vm = %hello.vm_instance, "sidecar connected");
+        // Thousands of these a second (every VM's heartbeat stream): debug.
+        tracing::debug!(node = %hello.node_id, vm = %hello.vm_instance, "sidecar connected");
+        let vm = VmKey::of(&hello);
+        self.notify
+            .inventory
+            .hello(&vm, &hello, crate::time::now_unix_nanos())?;
         self.notify.directory.record(&hello);
         self.writer
-            .seen(Arc::clone(&hello), crate::time::now_unix_nanos())
+            .note_seen(Arc::clone(&hello), crate::time::now_unix_nanos())
             .await?;
         self.metrics.streams_connected.inc();
-        let result = self.serve_batches(&hello, inbound, tx).await;
+        let result = self.serve_batches(&hello, &vm, inbound, tx).await;
         self.metrics.streams_connected.dec();
-        // The directory remembers when the pod was last connected.
+        self.notify
+            .inventory
+            .touch(&vm, crate::time::now_unix_nanos());
+        // The directory remembers when the pod was last connected (queued,
+        // as at hello: nobody needs to wait for it).
         let _ = self
             .writer
-            .seen(Arc::clone(&hello), crate::time::now_unix_nanos())
+            .note_seen(Arc::clone(&hello), crate::time::now_unix_nanos())
             .await;
         result
     }
@@ -228,6 +260,7 @@ impl CollectorService {
     async fn serve_batches(
         &mut self,
         hello: &Arc<Hello>,
+        vm: &VmKey,
         inbound: &mut Streaming<SidecarMessage>,
         tx: &Outbound,
     ) -> Result<(), IngestError> {
@@ -235,7 +268,7 @@ impl CollectorService {
         // batch is read and validated while earlier ones commit, and acks
         // still go out in order, each after its own commit.
         let mut pipeline: VecDeque<InFlight> = VecDeque::new();
-        let result = self.pump(hello, inbound, tx, &mut pipeline).await;
+        let result = self.pump(hello, vm, inbound, tx, &mut pipeline).await;
         if result.is_err() {
             // Shutting down, or a bad message: what was already queued is
             // committed anyway, so it is acknowledged before the stream ends.
@@ -248,6 +281,7 @@ impl CollectorService {
     async fn pump(
         &mut self,
         hello: &Arc<Hello>,
+        vm: &VmKey,
         inbound: &mut Streaming<SidecarMessage>,
         tx: &Outbound,
         pipeline: &mut VecDeque<InFlight>,
@@ -272,13 +306,20 @@ impl CollectorService {
                 }
                 Step::Received(Next::Message(kind)) => match *kind {
                     sidecar_message::Kind::Batch(batch) => {
+                        let dropped = self.notify.inventory.batch(
+                            vm,
+                            batch.dropped_total,
+                            crate::time::now_unix_nanos(),
+                        );
+                        self.metrics.sidecar_dropped_events.inc_by(dropped);
                         let in_flight = self.submit(hello, batch).await?;
                         in_flight_events += in_flight.events;
                         pipeline.push_back(in_flight);
                     }
                     sidecar_message::Kind::Hello(_) => return Err(IngestError::SecondHello),
-                    // Coverage (issue 11) stores these; accepted and not stored yet.
-                    sidecar_message::Kind::Heartbeat(_) => {}
+                    sidecar_message::Kind::Heartbeat(heartbeat) => {
+                        self.heartbeat(hello, vm, &heartbeat)?;
+                    }
                 },
                 Step::Received(Next::End) => {
                     // Every batch received is acknowledged before the stream closes.
@@ -444,6 +485,24 @@ async fn oldest(pipeline: &mut VecDeque<InFlight>) -> Result<Committed, StoreErr
 }
 
 impl CollectorService {
+    /// Checks a heartbeat against what the VM reported before and records
+    /// it; a refused one ends the stream and changes nothing.
+    fn heartbeat(
+        &self,
+        hello: &Hello,
+        vm: &VmKey,
+        heartbeat: &Heartbeat,
+    ) -> Result<(), IngestError> {
+        let increase =
+            self.notify
+                .inventory
+                .heartbeat(vm, hello, heartbeat, crate::time::now_unix_nanos())?;
+        self.metrics.heartbeats.inc();
+        self.metrics.judged(&hello.namespace, &increase.judged);
+        self.metrics.sidecar_dropped_events.inc_by(increase.dropped);
+        Ok(())
+    }
+
     fn count_stored(&self, hello: &Hello, valid: u64, new_events: &[ValidEvent]) {
         let new = new_events.len() as u64;
         self.metrics.events_stored.inc_by(new);
@@ -475,13 +534,16 @@ impl CollectorService {
 
 impl IngestError {
     /// Every value of [`IngestError::reason`].
-    pub const REASONS: [&str; 6] = [
+    pub const REASONS: [&str; 9] = [
         "invalid_hello",
         "no_hello",
         "batch_too_large",
         "too_many_streams",
         "store_error",
         "shutting_down",
+        "too_many_vms",
+        "heartbeat_backwards",
+        "heartbeat_flood",
     ];
 
     /// The `reason` label of `dialguard_streams_refused_total`.
@@ -489,8 +551,13 @@ impl IngestError {
         match self {
             IngestError::HelloFirst
             | IngestError::HelloField(_)
+            | IngestError::HelloValue { .. }
             | IngestError::SecondHello
-            | IngestError::EmptyMessage => "invalid_hello",
+            | IngestError::EmptyMessage
+            | IngestError::Inventory(InventoryError::ExpectedNamespace { .. }) => "invalid_hello",
+            IngestError::Inventory(InventoryError::Full(_)) => "too_many_vms",
+            IngestError::Inventory(InventoryError::Backwards { .. }) => "heartbeat_backwards",
+            IngestError::Inventory(InventoryError::Flood(_)) => "heartbeat_flood",
             IngestError::NoHello(_) => "no_hello",
             IngestError::BatchTooLarge { .. } => "batch_too_large",
             IngestError::TooManyStreams(_) => "too_many_streams",
@@ -561,6 +628,37 @@ fn validate_hello(hello: Hello) -> Result<Hello, IngestError> {
     }
     if hello.vm_instance.is_empty() {
         return Err(IngestError::HelloField("vm_instance"));
+    }
+    let sha = &hello.module_sha256;
+    let hex_digest = sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit());
+    if !(sha.is_empty() || hex_digest) {
+        return Err(IngestError::HelloValue {
+            field: "module_sha256",
+            value: format!("{:?}", sha.chars().take(80).collect::<String>()),
+            expected: "empty or 64 hex digits",
+        });
+    }
+    if Build::try_from(hello.build).is_err() {
+        return Err(IngestError::HelloValue {
+            field: "build",
+            value: hello.build.to_string(),
+            expected: "0 (BUILD_UNSPECIFIED), 1 (BUILD_AUDIT) or 2 (BUILD_ENFORCE)",
+        });
+    }
+    if Mode::try_from(hello.mode).is_err() {
+        return Err(IngestError::HelloValue {
+            field: "mode",
+            value: hello.mode.to_string(),
+            expected: "0 (MODE_UNSPECIFIED), 1 (MODE_AUDIT) or 2 (MODE_ENFORCE)",
+        });
+    }
+    let interval = hello.heartbeat_interval_ms;
+    if interval != 0 && !INTERVAL_RANGE_MS.contains(&interval) {
+        return Err(IngestError::HelloValue {
+            field: "heartbeat_interval_ms",
+            value: interval.to_string(),
+            expected: "0 (a filter that does not heartbeat) or 1000 to 3600000",
+        });
     }
     Ok(hello)
 }

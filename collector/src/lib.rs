@@ -14,12 +14,14 @@ pub mod event;
 pub mod finding;
 pub mod http;
 pub mod ingest;
+pub mod inventory;
 pub mod metrics;
 pub mod report;
 pub mod store;
 pub mod time;
 pub mod tls;
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,6 +38,7 @@ use crate::auth::HttpToken;
 use crate::directory::Directory;
 pub use crate::ingest::Limits;
 use crate::ingest::{CollectorService, Notify};
+use crate::inventory::{CoverageConfig, Inventory};
 use crate::metrics::Metrics;
 use crate::store::{StoreError, Writer, WriterConfig};
 use crate::tls::TlsConfig;
@@ -62,6 +65,11 @@ pub struct ServeConfig {
     pub tls: Option<TlsConfig>,
     /// The HTTP API requires this bearer token (see [`auth`] for the open paths).
     pub http_token: Option<HttpToken>,
+    /// Namespaces that must have a reporting sidecar (recorded in the
+    /// database for `report`).
+    pub expected_namespaces: BTreeSet<String>,
+    /// A pod stale for longer than this leaves the coverage.
+    pub forget_stale: Duration,
 }
 
 impl ServeConfig {
@@ -79,6 +87,8 @@ impl ServeConfig {
             writer: WriterConfig::default(),
             tls: None,
             http_token: None,
+            expected_namespaces: BTreeSet::new(),
+            forget_stale: inventory::DEFAULT_FORGET_STALE,
         }
     }
 }
@@ -104,8 +114,18 @@ pub async fn run(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let conn = store::open_for_writing(&config.db_path)?;
+    let mut conn = store::open_for_writing(&config.db_path)?;
     let directory = Directory::load(store::directory(&conn)?);
+    store::record_coverage_config(&mut conn, &config.expected_namespaces, config.forget_stale)?;
+    let inventory = Inventory::load(
+        store::inventory(&conn, None, config.limits.max_vms)?,
+        CoverageConfig {
+            max_vms: config.limits.max_vms,
+            expected: config.expected_namespaces.clone(),
+            forget_stale: config.forget_stale,
+        },
+    );
+    inventory.forget(crate::time::now_unix_nanos());
     let metrics = Metrics::new();
     let (writer, writer_thread) = Writer::start(conn, config.writer, metrics.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -117,6 +137,12 @@ pub async fn run(
         config.clone(),
         stop_rx.clone(),
     ));
+    let persist = tokio::spawn(persist_inventory(
+        inventory.clone(),
+        writer.clone(),
+        stop_rx.clone(),
+    ));
+    let final_flush = (inventory.clone(), writer.clone());
     let limits = config.limits;
     let alertmanager = config
         .alertmanager
@@ -128,6 +154,7 @@ pub async fn run(
             alerts,
             alertmanager,
             directory,
+            inventory: inventory.clone(),
         },
         limits,
         metrics.clone(),
@@ -162,7 +189,12 @@ pub async fn run(
         }
     };
 
-    let mut app = http::router(config.db_path.clone(), config.modules.clone(), metrics);
+    let mut app = http::router(
+        config.db_path.clone(),
+        config.modules.clone(),
+        metrics,
+        inventory,
+    );
     if let Some(token) = config.http_token.clone() {
         app = auth::require_token(app, token);
     }
@@ -199,6 +231,12 @@ pub async fn run(
         Err(_) => Ok(()),
     };
     let _ = background.await;
+    let _ = persist.await;
+    // What the streams changed since the last flush, once they are done
+    // (or abandoned after the grace period).
+    let (inventory, flush_writer) = final_flush;
+    flush_inventory(&inventory, &flush_writer).await;
+    drop(flush_writer);
     // The writer thread ends once every stream task has dropped its handle;
     // commits already queued finish first. A connection that outlives the
     // grace period is abandoned: what it did not get acknowledged, the
@@ -248,6 +286,39 @@ async fn background(
             Ok(_) => {}
             Err(err) => tracing::error!("retention pass failed: {err}"),
         }
+    }
+}
+
+/// How often the inventory's changed VMs are written (one transaction).
+const INVENTORY_FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// Writes the inventory's changed VMs every [`INVENTORY_FLUSH_EVERY`] and
+/// drops the long-stale ones from memory, until shutdown.
+async fn persist_inventory(inventory: Inventory, writer: Writer, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(INVENTORY_FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        flush_inventory(&inventory, &writer).await;
+    }
+}
+
+async fn flush_inventory(inventory: &Inventory, writer: &Writer) {
+    let forgotten = inventory.forget(crate::time::now_unix_nanos());
+    if forgotten > 0 {
+        tracing::debug!("forgot {forgotten} long-stale sidecar VMs (kept in the database)");
+    }
+    let dirty = inventory.take_dirty();
+    if dirty.is_empty() {
+        return;
+    }
+    let keys: Vec<_> = dirty.iter().map(|(key, _)| key.clone()).collect();
+    if let Err(err) = writer.save_inventory(dirty).await {
+        tracing::error!("saving the sidecar inventory failed, retrying in a second: {err}");
+        inventory.mark_dirty(&keys);
     }
 }
 

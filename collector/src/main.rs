@@ -123,6 +123,45 @@ struct ServeFlags {
     /// How long open streams get to finish on SIGTERM/SIGINT.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// A namespace that must have a reporting dialguard sidecar (repeat for
+    /// several): without one it is uncovered in reports and metrics.
+    #[arg(long = "expect-namespace", value_name = "NS", value_parser = parse_namespace)]
+    expect_namespaces: Vec<String>,
+    /// More expected namespaces, one per line (`#` starts a comment): e.g.
+    /// the ConfigMap key `rollout --with-collector` mounts at
+    /// /etc/dialguard/expected-namespaces.
+    #[arg(long, value_name = "PATH")]
+    expect_namespaces_file: Option<PathBuf>,
+    /// A pod whose sidecars have all been stale this long leaves the
+    /// coverage (its rows stay until --retention).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    forget_stale: Duration,
+    /// Most sidecar VMs (node, VM instance) held in memory; hellos from new
+    /// ones beyond it get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = Limits::default().max_vms)]
+    max_vms: usize,
+}
+
+fn parse_namespace(text: &str) -> Result<String, String> {
+    dialguard_collector::inventory::check_namespace("--expect-namespace", 1, text).map_err(|_| {
+        "expected a namespace name (lowercase letters, digits and '-', at most 63, \
+             starting and ending with a letter or digit)"
+            .to_string()
+    })
+}
+
+/// The namespaces of --expect-namespace and --expect-namespaces-file.
+fn expected_namespaces(flags: &ServeFlags) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let mut expected: std::collections::BTreeSet<String> =
+        flags.expect_namespaces.iter().cloned().collect();
+    if let Some(path) = &flags.expect_namespaces_file {
+        let name = format!("--expect-namespaces-file {}", path.display());
+        let text = std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
+        expected.extend(dialguard_collector::inventory::parse_expected_namespaces(
+            &name, &text,
+        )?);
+    }
+    Ok(expected)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -148,6 +187,10 @@ struct ReportFlags {
     ca: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
     format: ReportFormat,
+    /// With --format csv: `rows` (the default) or `coverage` (one line per
+    /// namespace). The other formats hold both.
+    #[arg(long, value_enum)]
+    section: Option<Section>,
     /// Rows whose connections went on at or after this: an RFC 3339 time
     /// (2026-11-26T07:00:00Z) or a duration meaning that long ago (24h, 7d).
     #[arg(long, value_name = "TIME")]
@@ -166,6 +209,12 @@ struct ReportFlags {
     port: Option<String>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Section {
+    Rows,
+    Coverage,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ReportFormat {
     Table,
@@ -179,6 +228,11 @@ enum ReportFormat {
 const REPORT_SERVER_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn report_command(flags: ReportFlags) -> anyhow::Result<()> {
+    if flags.section.is_some() && !matches!(flags.format, ReportFormat::Csv) {
+        anyhow::bail!(
+            "--section: only with --format csv (the other formats show rows and coverage together)"
+        );
+    }
     // Validated here whatever the source, so --server gets the same errors
     // (and relative times count back from this machine's clock).
     let filter = report::FilterArgs {
@@ -205,6 +259,9 @@ fn report_command(flags: ReportFlags) -> anyhow::Result<()> {
     let text = match flags.format {
         ReportFormat::Table => report::render_table(&report),
         ReportFormat::Json => serde_json::to_string_pretty(&report)? + "\n",
+        ReportFormat::Csv if flags.section == Some(Section::Coverage) => {
+            report::render_coverage_csv(&report).context("writing CSV")?
+        }
         ReportFormat::Csv => report::render_csv(&report).context("writing CSV")?,
         ReportFormat::Html => report::html::render_html(
             &report,
@@ -473,7 +530,10 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
             max_batch_events: flags.max_batch_events,
             max_streams: flags.max_streams,
             hello_timeout: flags.hello_timeout,
+            max_vms: flags.max_vms,
         },
+        expected_namespaces: expected_namespaces(&flags)?,
+        forget_stale: flags.forget_stale,
         retention: flags.retention.0,
         alert_interval: flags.alert_interval,
         alertmanager: flags

@@ -39,6 +39,30 @@ pub struct NamespaceLabels {
     pub source_namespace: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SidecarStateLabels {
+    pub namespace: String,
+    /// `reporting` or `stale`.
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CoverageNamespaceLabels {
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JudgedLabels {
+    pub namespace: String,
+    /// One of `inventory::VERDICTS`.
+    pub verdict: String,
+}
+
+/// Namespaces with their own coverage series (sidecars, judged
+/// connections) before the rest fold into `other`; expected namespaces
+/// always get theirs.
+const MAX_COVERAGE_NAMESPACES: usize = 2_000;
+
 /// Distinct source namespaces of `would_close_connections` before new ones
 /// fold into `other`.
 const MAX_WOULD_CLOSE_SERIES: usize = 1_000;
@@ -60,6 +84,18 @@ pub struct Metrics {
     misroute_series: Arc<Mutex<HashSet<MisrouteLabels>>>,
     would_close: Family<NamespaceLabels, Counter>,
     would_close_series: Arc<Mutex<HashSet<String>>>,
+    pub heartbeats: Counter,
+    sidecars: Family<SidecarStateLabels, Gauge>,
+    namespace_expected: Family<CoverageNamespaceLabels, Gauge>,
+    namespace_uncovered: Family<CoverageNamespaceLabels, Gauge>,
+    judged: Family<JudgedLabels, Counter>,
+    judged_series: Arc<Mutex<HashSet<String>>>,
+    /// Namespaces that had sidecar series: they keep them (at 0) after
+    /// their last pod left the coverage, so the drop shows.
+    sidecar_namespaces: Arc<Mutex<HashSet<String>>>,
+    /// Held while the coverage gauges are rebuilt and encoded, so that two
+    /// scrapes never see each other's half-built families.
+    scrape: Arc<Mutex<()>>,
 }
 
 impl Default for Metrics {
@@ -138,6 +174,36 @@ impl Metrics {
             "Connections enforce mode closes (or would close, in audit mode), by source namespace",
             would_close.clone(),
         );
+        let heartbeats = Counter::default();
+        let sidecars = Family::<SidecarStateLabels, Gauge>::default();
+        let namespace_expected = Family::<CoverageNamespaceLabels, Gauge>::default();
+        let namespace_uncovered = Family::<CoverageNamespaceLabels, Gauge>::default();
+        let judged = Family::<JudgedLabels, Counter>::default();
+        registry.register(
+            "heartbeats",
+            "Heartbeats accepted from sidecar VMs",
+            heartbeats.clone(),
+        );
+        registry.register(
+            "sidecars",
+            "Pods with a dialguard sidecar, by namespace and state (reporting: a VM heard within three heartbeat intervals; stale: none)",
+            sidecars.clone(),
+        );
+        registry.register(
+            "namespace_expected",
+            "1 per namespace serve was told to expect (--expect-namespace, --expect-namespaces-file)",
+            namespace_expected.clone(),
+        );
+        registry.register(
+            "namespace_uncovered",
+            "1 when an expected namespace has no reporting sidecar, else 0",
+            namespace_uncovered.clone(),
+        );
+        registry.register(
+            "judged_connections",
+            "Connections judged by a namespace's sidecars, by verdict (from heartbeat counters)",
+            judged.clone(),
+        );
         // Labelled series exist from the start at 0, so that Prometheus'
         // increase() sees the first refusal too.
         for reason in crate::event::CHECKED_FIELDS {
@@ -165,7 +231,94 @@ impl Metrics {
             misroute_series: Arc::new(Mutex::new(HashSet::new())),
             would_close,
             would_close_series: Arc::new(Mutex::new(HashSet::new())),
+            heartbeats,
+            sidecars,
+            namespace_expected,
+            namespace_uncovered,
+            judged,
+            judged_series: Arc::new(Mutex::new(HashSet::new())),
+            sidecar_namespaces: Arc::new(Mutex::new(HashSet::new())),
+            scrape: Arc::new(Mutex::new(())),
         }
+    }
+
+    /// Counts what a namespace's sidecar judged since its last heartbeat.
+    /// A namespace's first heartbeat creates all its verdicts' series (at
+    /// 0 where nothing was judged), so that increase() sees the first.
+    pub fn judged(&self, namespace: &str, judged: &[u64; 7]) {
+        let known = match self.judged_series.lock() {
+            Ok(series) if series.contains(namespace) => true,
+            Ok(mut series) if series.len() < MAX_COVERAGE_NAMESPACES => {
+                series.insert(namespace.to_string());
+                true
+            }
+            _ => false,
+        };
+        let namespace = if known { namespace } else { "other" };
+        for (verdict, n) in crate::inventory::VERDICTS.iter().zip(judged) {
+            self.judged
+                .get_or_create(&JudgedLabels {
+                    namespace: namespace.to_string(),
+                    verdict: verdict.to_string(),
+                })
+                .inc_by(*n);
+        }
+    }
+
+    /// The exposition text with the coverage gauges set from `namespaces`
+    /// (recomputed per scrape: staleness is a matter of time).
+    pub fn encode_with_coverage(
+        &self,
+        namespaces: &[crate::inventory::NamespaceCoverage],
+    ) -> Result<String, std::fmt::Error> {
+        let _scrape = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        self.sidecars.clear();
+        self.namespace_expected.clear();
+        self.namespace_uncovered.clear();
+        let mut known = self
+            .sidecar_namespaces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut own = 0;
+        for ns in namespaces {
+            let name = if ns.expected || own < MAX_COVERAGE_NAMESPACES {
+                own += usize::from(!ns.expected);
+                ns.namespace.as_str()
+            } else {
+                "other"
+            };
+            if name != "other" && known.len() < MAX_COVERAGE_NAMESPACES {
+                known.insert(name.to_string());
+            }
+            for (state, pods) in [("reporting", ns.sidecars), ("stale", ns.stale)] {
+                self.sidecars
+                    .get_or_create(&SidecarStateLabels {
+                        namespace: name.to_string(),
+                        state: state.to_string(),
+                    })
+                    .inc_by(i64::try_from(pods).unwrap_or(i64::MAX));
+            }
+            if ns.expected {
+                let labels = CoverageNamespaceLabels {
+                    namespace: name.to_string(),
+                };
+                self.namespace_expected.get_or_create(&labels).set(1);
+                self.namespace_uncovered
+                    .get_or_create(&labels)
+                    .set(i64::from(!ns.covered));
+            }
+        }
+        for namespace in known.iter() {
+            for state in ["reporting", "stale"] {
+                // Created at 0 when absent from this scrape's coverage.
+                let _ = self.sidecars.get_or_create(&SidecarStateLabels {
+                    namespace: namespace.clone(),
+                    state: state.to_string(),
+                });
+            }
+        }
+        drop(known);
+        self.encode()
     }
 
     pub fn reject_event(&self, field: &str) {

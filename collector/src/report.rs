@@ -10,6 +10,7 @@ use rusqlite::Connection;
 use serde::Serialize;
 
 use crate::finding::{Cause, Culprit, Subject};
+use crate::inventory::{self, Coverage, CoverageScope, NamespaceCoverage};
 use crate::store::{self, DirectoryEntry, StoreError};
 use crate::time::rfc3339;
 
@@ -100,6 +101,11 @@ pub struct Report {
     /// without time or destination).
     #[serde(default, skip_serializing_if = "AppliedFilter::is_empty")]
     pub filter: AppliedFilter,
+    /// Which pods' sidecars report, what they judged, and which expected
+    /// namespaces have none: silence in `rows` means "no misroutes" only
+    /// where coverage says sidecars were reporting.
+    #[serde(default)]
+    pub coverage: Coverage,
 }
 
 /// Reads the whole report; misrouted rows first, then by count.
@@ -169,7 +175,33 @@ pub fn query_filtered(conn: &Connection, filter: &ReportFilter) -> Result<Report
         rejected_events: gaps.rejected,
         sampled_out_events: gaps.sampled_out,
         filter: filter.applied(),
+        coverage: coverage(conn, filter)?,
     })
+}
+
+/// Most VMs a coverage view reads from the database (the collector holds
+/// at most `--max-vms` in memory; the newest are read first).
+const MAX_COVERAGE_VMS: usize = 1_000_000;
+
+/// Coverage as of now, from the stored inventory: `--namespace` restricts
+/// it; `--since`/`--until` keep the sidecars heard within the window, with
+/// their counts as of their last heartbeat (cumulative, not cut at the
+/// window's edges). `verdict` and `port` do not narrow it.
+pub fn coverage(conn: &Connection, filter: &ReportFilter) -> Result<Coverage, StoreError> {
+    let (expected, forget_stale) = store::coverage_config(conn)?;
+    let vms = store::inventory(conn, filter.namespace.as_deref(), MAX_COVERAGE_VMS)?;
+    let scope = CoverageScope {
+        now_ns: crate::time::now_unix_nanos(),
+        since_ns: filter.since_ns,
+        until_ns: filter.until_ns,
+        namespace: filter.namespace.clone(),
+        expected,
+        forget_stale,
+    };
+    Ok(inventory::coverage(
+        vms.iter().map(|(key, vm)| (key, vm)),
+        &scope,
+    ))
 }
 
 /// Adds the owner of the dialed address and the one-sentence summary.
@@ -279,6 +311,74 @@ pub fn render_csv(report: &Report) -> Result<String, csv::Error> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// `report --format csv --section coverage`: one line per namespace.
+pub fn render_coverage_csv(report: &Report) -> Result<String, csv::Error> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    writer.write_record(COVERAGE_CSV_HEADER)?;
+    for ns in &report.coverage.namespaces {
+        writer.write_record(coverage_cells(ns))?;
+    }
+    let bytes = writer
+        .into_inner()
+        .map_err(|err| csv::Error::from(err.into_error()))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The coverage columns (CSV and table).
+pub const COVERAGE_CSV_HEADER: [&str; 6] = [
+    "namespace",
+    "expected",
+    "covered",
+    "reporting sidecars",
+    "stale sidecars",
+    "judged connections",
+];
+
+fn coverage_cells(ns: &NamespaceCoverage) -> [String; 6] {
+    let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
+    [
+        ns.namespace.clone(),
+        yes_no(ns.expected),
+        yes_no(ns.covered),
+        ns.sidecars.to_string(),
+        ns.stale.to_string(),
+        ns.judged.to_string(),
+    ]
+}
+
+/// The coverage table for people, with a line per uncovered namespace.
+fn render_coverage_table(coverage: &Coverage) -> String {
+    let mut out = String::from("\ncoverage (pods with a dialguard sidecar, per namespace)\n");
+    if coverage.namespaces.is_empty() {
+        out.push_str("no sidecar has reported and no namespace is expected\n");
+        return out;
+    }
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_header(COVERAGE_CSV_HEADER);
+    for ns in &coverage.namespaces {
+        table.add_row(coverage_cells(ns));
+    }
+    out.push_str(&table.to_string());
+    out.push('\n');
+    for namespace in &coverage.uncovered {
+        out.push_str(&format!(
+            "warning: expected namespace {namespace} has no reporting sidecar: no rows there means nothing was watched\n"
+        ));
+    }
+    let stale: Vec<String> = coverage
+        .sidecars
+        .iter()
+        .filter(|s| s.stale)
+        .map(|s| format!("{}/{} (last seen {})", s.namespace, s.pod, s.last_seen))
+        .collect();
+    if !stale.is_empty() {
+        out.push_str(&format!("stale sidecars: {}\n", stale.join(", ")));
+    }
+    out
+}
+
 /// The CSV columns: the table's, with cluster and capturing service apart.
 pub const CSV_HEADER: [&str; 12] = [
     "verdict",
@@ -376,5 +476,6 @@ pub fn render_table(report: &Report) -> String {
             report.dropped_events
         ));
     }
+    out.push_str(&render_coverage_table(&report.coverage));
     out
 }

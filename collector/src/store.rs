@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::event::ValidEvent;
 use crate::finding::Cause;
+use crate::inventory::{Vm, VmKey};
 use crate::metrics::Metrics;
 
 /// Migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -113,7 +114,40 @@ const MIGRATIONS: &[&str] = &[
         WHEN verdict = 'blackholed' AND cluster NOT IN ('', 'BlackHoleCluster', 'PassthroughCluster')
             THEN 'no_endpoints'
         ELSE '' END;",
+    // 6: coverage (issue 11): what each VM runs and its heartbeat counters
+    // (cumulative; `dropped_total` also takes the heartbeats'), the
+    // namespaces `serve` was told to expect and its coverage settings.
+    "ALTER TABLE sidecars ADD COLUMN build TEXT NOT NULL DEFAULT '';
+     ALTER TABLE sidecars ADD COLUMN mode TEXT NOT NULL DEFAULT '';
+     ALTER TABLE sidecars ADD COLUMN module_sha256 TEXT NOT NULL DEFAULT '';
+     ALTER TABLE sidecars ADD COLUMN heartbeat_interval_ms INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sidecars ADD COLUMN conn_match INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sidecars ADD COLUMN conn_service INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sidecars ADD COLUMN conn_allowed INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sidecars ADD COLUMN conn_misrouted INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sidecars ADD COLUMN conn_blackholed INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sidecars ADD COLUMN conn_redirected INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sidecars ADD COLUMN conn_resolved INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sidecars ADD COLUMN conn_unjudged INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sidecars ADD COLUMN conn_enforced INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sidecars ADD COLUMN delivery_sent INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sidecars ADD COLUMN delivery_acked INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sidecars ADD COLUMN delivery_resent INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sidecars ADD COLUMN delivery_dropped INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sidecars ADD COLUMN delivery_rejected INTEGER NOT NULL DEFAULT 0;
+     CREATE INDEX sidecars_by_namespace ON sidecars (namespace);
+     CREATE TABLE expected_namespaces (namespace TEXT PRIMARY KEY) WITHOUT ROWID;
+     CREATE TABLE settings (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;",
 ];
+
+/// The `sidecars` columns of the inventory, in `inventory::Vm` order.
+const INVENTORY_COLUMNS: &str = "node_id, vm_instance, pod_name, namespace, workload_name,
+    instance_ips, cluster_id, istio_version, filter_version, module_sha256, build, mode,
+    heartbeat_interval_ms, first_seen_ns, last_seen_ns,
+    conn_match, conn_service, conn_allowed, conn_misrouted, conn_blackholed, conn_redirected,
+    conn_resolved, conn_unjudged, conn_enforced,
+    delivery_sent, delivery_acked, delivery_resent, delivery_dropped, delivery_rejected,
+    dropped_total";
 
 /// Most pod names kept per report row (`aggregates.source_pods`).
 pub const MAX_SOURCE_PODS: usize = 16;
@@ -237,9 +271,10 @@ enum Request {
         reply: Reply<Committed>,
     },
     /// A sidecar identified itself or went away: refresh its directory entries.
-    Seen {
-        sidecar: Arc<Hello>,
-        at_ns: u64,
+    Seen { sidecar: Arc<Hello>, at_ns: u64 },
+    /// The inventory's changed VMs, written in one transaction.
+    Inventory {
+        vms: Vec<(VmKey, Vm)>,
         reply: Reply<()>,
     },
     /// Remove what is older than the cutoff, a chunk at a time between commits.
@@ -368,16 +403,20 @@ impl Writer {
         Ok(PendingCommit { done })
     }
 
-    /// Records that the sidecar was connected at `at_ns` (directory, last
-    /// seen); returns once it is written, so a stream that has ended has its
-    /// disconnect in the directory.
-    pub async fn seen(&self, sidecar: Arc<Hello>, at_ns: u64) -> Result<(), StoreError> {
-        self.ask(|reply| Request::Seen {
-            sidecar,
-            at_ns,
-            reply,
-        })
-        .await
+    /// Queues the directory update for the sidecar without waiting for it:
+    /// ahead of any batch queued after it (one queue, written in order), so
+    /// a report made after a later commit sees it. Heartbeat streams must
+    /// not wait for a disk sync just to say hello.
+    pub async fn note_seen(&self, sidecar: Arc<Hello>, at_ns: u64) -> Result<(), StoreError> {
+        self.tx
+            .send(Request::Seen { sidecar, at_ns })
+            .await
+            .map_err(|_| StoreError::WriterGone)
+    }
+
+    /// Writes the inventory's changed VMs (one transaction for all).
+    pub async fn save_inventory(&self, vms: Vec<(VmKey, Vm)>) -> Result<(), StoreError> {
+        self.ask(|reply| Request::Inventory { vms, reply }).await
     }
 
     /// Deletes events, aggregate rows, directory entries and idle sidecars
@@ -513,6 +552,9 @@ impl WriterThread {
             };
             let mut next = Some(first);
             let mut group_events = 0;
+            // Hellos and stream ends waiting together share one transaction:
+            // thousands of short heartbeat streams a second each bring two.
+            let mut seen = Vec::new();
             while let Some(request) = next.take() {
                 match request {
                     Request::Commit {
@@ -523,22 +565,25 @@ impl WriterThread {
                         group_events += batch.events.len();
                         commits.push((batch, queued, reply));
                     }
-                    Request::Seen {
-                        sidecar,
-                        at_ns,
-                        reply,
-                    } => {
-                        let recorded = record_seen(&mut self.conn, &sidecar, at_ns);
-                        if let Err(err) = &recorded {
-                            tracing::error!("directory update failed: {err}");
+                    Request::Seen { sidecar, at_ns } => seen.push((sidecar, at_ns)),
+                    Request::Inventory { vms, reply } => {
+                        let saved = save_inventory(&mut self.conn, &vms);
+                        if let Err(err) = &saved {
+                            tracing::error!("saving the sidecar inventory failed: {err}");
                         }
-                        let _ = reply.send(recorded.map_err(|err| err.to_string()));
+                        let _ = reply.send(saved.map_err(|err| err.to_string()));
                     }
                     Request::Expire { cutoff_ns, reply } => self.start_expiry(cutoff_ns, reply),
                 }
                 if commits.len() < GROUP_COMMIT_MAX && group_events < GROUP_COMMIT_EVENTS {
                     next = rx.try_recv().ok();
                 }
+            }
+            if !seen.is_empty() {
+                if let Err(err) = record_seen(&mut self.conn, &seen) {
+                    tracing::error!("directory update failed: {err}");
+                }
+                seen.clear();
             }
             if !commits.is_empty() {
                 self.commit_group(&mut commits);
@@ -564,9 +609,6 @@ impl WriterThread {
         match result {
             Ok(outcome) => {
                 self.metrics.events_sampled_out.inc_by(outcome.sampled_out);
-                self.metrics
-                    .sidecar_dropped_events
-                    .inc_by(outcome.dropped_increase);
                 for ((batch, _, reply), is_new) in commits.drain(..).zip(outcome.is_new) {
                     let new_events = batch
                         .events
@@ -615,9 +657,10 @@ impl WriterThread {
     }
 }
 
-fn record_seen(conn: &mut Connection, sidecar: &Hello, at_ns: u64) -> rusqlite::Result<()> {
+fn record_seen(conn: &mut Connection, seen: &[(Arc<Hello>, u64)]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
-    {
+    for (sidecar, at_ns) in seen {
+        let at_ns = *at_ns;
         let mut upsert = tx.prepare_cached(
             "INSERT INTO directory (ip, pod_name, namespace, workload_name, node_id,
                 first_seen_ns, last_seen_ns)
@@ -646,6 +689,179 @@ fn record_seen(conn: &mut Connection, sidecar: &Hello, at_ns: u64) -> rusqlite::
         }
     }
     tx.commit()
+}
+
+/// Upserts the VMs' rows; counters and times only ever grow (a VM that
+/// memory forgot and that came back must not lower what is stored).
+fn save_inventory(conn: &mut Connection, vms: &[(VmKey, Vm)]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let grow = |column: &str| format!("{column} = max({column}, excluded.{column})");
+        let counters = [
+            "conn_match",
+            "conn_service",
+            "conn_allowed",
+            "conn_misrouted",
+            "conn_blackholed",
+            "conn_redirected",
+            "conn_resolved",
+            "conn_unjudged",
+            "conn_enforced",
+            "delivery_sent",
+            "delivery_acked",
+            "delivery_resent",
+            "delivery_dropped",
+            "delivery_rejected",
+            "dropped_total",
+            "last_seen_ns",
+        ]
+        .map(grow)
+        .join(", ");
+        let mut upsert = tx.prepare_cached(&format!(
+            "INSERT INTO sidecars ({INVENTORY_COLUMNS})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)
+             ON CONFLICT (node_id, vm_instance) DO UPDATE SET
+                pod_name = excluded.pod_name, namespace = excluded.namespace,
+                workload_name = excluded.workload_name, instance_ips = excluded.instance_ips,
+                cluster_id = excluded.cluster_id, istio_version = excluded.istio_version,
+                filter_version = excluded.filter_version,
+                module_sha256 = excluded.module_sha256, build = excluded.build,
+                mode = excluded.mode, heartbeat_interval_ms = excluded.heartbeat_interval_ms,
+                first_seen_ns = min(first_seen_ns, excluded.first_seen_ns), {counters}"
+        ))?;
+        for (key, vm) in vms {
+            let mut values: Vec<rusqlite::types::Value> = vec![
+                key.node_id.to_string().into(),
+                key.vm_instance.to_string().into(),
+            ];
+            for text in [
+                &vm.pod_name,
+                &vm.namespace,
+                &vm.workload_name,
+                &vm.instance_ips,
+                &vm.cluster_id,
+                &vm.istio_version,
+                &vm.filter_version,
+                &vm.module_sha256,
+            ] {
+                values.push(text.to_string().into());
+            }
+            values.push(vm.build.to_string().into());
+            values.push(vm.mode.to_string().into());
+            values.push(i64::from(vm.heartbeat_interval_ms).into());
+            values.push(as_sql_int(vm.first_heard_ns).into());
+            values.push(as_sql_int(vm.last_heard_ns).into());
+            for n in vm.connections.iter().chain(&vm.delivery) {
+                values.push(as_sql_int(*n).into());
+            }
+            values.push(as_sql_int(vm.dropped_total).into());
+            upsert.execute(rusqlite::params_from_iter(values))?;
+        }
+    }
+    tx.commit()
+}
+
+/// The inventory as stored, newest first, at most `limit` VMs; only
+/// `namespace`'s when given.
+pub fn inventory(
+    conn: &Connection,
+    namespace: Option<&str>,
+    limit: usize,
+) -> Result<Vec<(VmKey, Vm)>, StoreError> {
+    let mut statement = conn.prepare(&format!(
+        "SELECT {INVENTORY_COLUMNS} FROM sidecars
+         WHERE ?1 IS NULL OR namespace = ?1
+         ORDER BY last_seen_ns DESC LIMIT ?2"
+    ))?;
+    let count = |n: i64| n.max(0) as u64;
+    let rows = statement.query_map(params![namespace, as_sql_int(limit as u64)], |row| {
+        let text = |index: usize| row.get::<_, String>(index);
+        let number = |index: usize| row.get::<_, i64>(index).map(count);
+        let key = VmKey {
+            node_id: text(0)?.into(),
+            vm_instance: text(1)?.into(),
+        };
+        let identity = [
+            text(2)?,
+            text(3)?,
+            text(4)?,
+            text(5)?,
+            text(6)?,
+            text(7)?,
+            text(8)?,
+            text(9)?,
+        ];
+        let mut connections = [0; 9];
+        for (index, slot) in connections.iter_mut().enumerate() {
+            *slot = number(15 + index)?;
+        }
+        let mut delivery = [0; 5];
+        for (index, slot) in delivery.iter_mut().enumerate() {
+            *slot = number(24 + index)?;
+        }
+        let vm = Vm::stored(
+            identity,
+            &text(10)?,
+            &text(11)?,
+            u32::try_from(number(12)?).unwrap_or(u32::MAX),
+            number(13)?,
+            number(14)?,
+            connections,
+            delivery,
+            number(29)?,
+        );
+        Ok((key, vm))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// What `serve` was told about coverage, for `report` to read.
+pub fn record_coverage_config(
+    conn: &mut Connection,
+    expected: &std::collections::BTreeSet<String>,
+    forget_stale: Duration,
+) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    tx.execute("DELETE FROM expected_namespaces", [])?;
+    for namespace in expected {
+        tx.execute(
+            "INSERT INTO expected_namespaces (namespace) VALUES (?1)",
+            [namespace],
+        )?;
+    }
+    tx.execute(
+        "INSERT INTO settings (name, value) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        params![FORGET_STALE_MS, as_sql_int(forget_stale.as_millis() as u64)],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// `settings` row: `serve --forget-stale`, in milliseconds.
+const FORGET_STALE_MS: &str = "forget_stale_ms";
+
+/// The expected namespaces and `--forget-stale` the last `serve` recorded
+/// (none and the default before any did).
+pub fn coverage_config(
+    conn: &Connection,
+) -> Result<(std::collections::BTreeSet<String>, Duration), StoreError> {
+    let expected = conn
+        .prepare("SELECT namespace FROM expected_namespaces")?
+        .query_map([], |row| row.get::<_, String>(0))?
+        .collect::<Result<_, _>>()?;
+    let forget: Option<i64> = conn
+        .query_row(
+            "SELECT value FROM settings WHERE name = ?1",
+            [FORGET_STALE_MS],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let forget = forget.map_or(crate::inventory::DEFAULT_FORGET_STALE, |ms| {
+        Duration::from_millis(ms.max(0) as u64)
+    });
+    Ok((expected, forget))
 }
 
 /// Deletes one chunk of each kind; `Ok(true)` once nothing older is left.
@@ -782,8 +998,6 @@ struct GroupOutcome {
     /// Per batch, per event: new (the rest were resends at or below the VM's high-water mark).
     is_new: Vec<Vec<bool>>,
     sampled_out: u64,
-    /// How much the sidecars' cumulative dropped counts grew.
-    dropped_increase: u64,
 }
 
 /// Commits the batches in one transaction.
@@ -794,7 +1008,6 @@ fn commit_group<'a>(
 ) -> Result<GroupOutcome, rusqlite::Error> {
     let tx = conn.transaction()?;
     let mut results = Vec::new();
-    let mut dropped_increase = 0u64;
     let mut sums: AggregateSums = AggregateSums::default();
     let mut sampled_out = 0u64;
     {
@@ -821,22 +1034,9 @@ fn commit_group<'a>(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
                 ?17, ?18)",
         )?;
-        let mut dropped_before = tx.prepare_cached(
-            "SELECT dropped_total FROM sidecars WHERE node_id = ?1 AND vm_instance = ?2",
-        )?;
         let mut texts = RowTexts::default();
         for batch in batches {
             let s = &batch.sidecar;
-            if batch.dropped_total > 0 {
-                // Rare (a sidecar's buffer overflowed): worth a lookup for an exact metric.
-                let before: i64 = dropped_before
-                    .query_row(params![s.node_id, s.vm_instance], |row| row.get(0))
-                    .optional()?
-                    .unwrap_or(0);
-                dropped_increase += batch
-                    .dropped_total
-                    .saturating_sub(u64::try_from(before).unwrap_or(0));
-            }
             let (sidecar_id, committed_through): (i64, i64) = upsert_sidecar.query_row(
                 params![
                     s.node_id,
@@ -945,7 +1145,6 @@ fn commit_group<'a>(
     Ok(GroupOutcome {
         is_new: results,
         sampled_out,
-        dropped_increase,
     })
 }
 
@@ -1136,6 +1335,65 @@ mod tests {
             labels,
             ["catch_all", "", "dns_redirection", "no_endpoints", "", ""],
             "{causes:?}"
+        );
+    }
+
+    #[test]
+    fn a_version_5_database_gains_the_inventory_and_keeps_its_sidecars() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("v5.db");
+        {
+            let conn = Connection::open(&path).expect("create");
+            for migration in &MIGRATIONS[..5] {
+                conn.execute_batch(migration).expect("old migration");
+            }
+            conn.pragma_update(None, "user_version", 5)
+                .expect("version");
+            conn.execute(
+                "INSERT INTO sidecars (node_id, vm_instance, pod_name, namespace, workload_name,
+                    instance_ips, cluster_id, istio_version, filter_version, first_seen_ns,
+                    last_seen_ns, dropped_total, committed_through)
+                 VALUES ('node', 'vm', 'pod', 'ns', 'w', '10.0.0.1', 'K', '1.24', '0.1.0',
+                    100, 200, 3, 9)",
+                [],
+            )
+            .expect("a version-5 sidecar");
+        }
+        let mut conn = open_for_writing(&path).expect("migrate");
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .expect("version");
+        assert_eq!(version, 6);
+        let vms = inventory(&conn, None, 10).expect("inventory");
+        let (key, vm) = &vms[0];
+        assert_eq!((&*key.node_id, &*key.vm_instance), ("node", "vm"));
+        // A filter from before heartbeats: interval 0, nothing counted.
+        assert_eq!(
+            (&*vm.pod_name, vm.mode, vm.build, vm.heartbeat_interval_ms),
+            ("pod", "unspecified", "unspecified", 0)
+        );
+        assert_eq!(
+            (vm.first_heard_ns, vm.last_heard_ns, vm.dropped_total),
+            (100, 200, 3)
+        );
+        assert_eq!(vm.connections, [0; 9]);
+        // The old row's dedupe mark is untouched by saving the inventory.
+        let mut saved = vm.clone();
+        saved.connections[0] = 5;
+        save_inventory(&mut conn, &[(key.clone(), saved)]).expect("save");
+        let (through, matched): (i64, i64) = conn
+            .query_row(
+                "SELECT committed_through, conn_match FROM sidecars",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .expect("row");
+        assert_eq!((through, matched), (9, 5));
+        let expected = std::collections::BTreeSet::from(["ns".to_string()]);
+        record_coverage_config(&mut conn, &expected, Duration::from_secs(120)).expect("config");
+        assert_eq!(
+            coverage_config(&conn).expect("config"),
+            (expected, Duration::from_secs(120))
         );
     }
 

@@ -1391,6 +1391,7 @@ fn trust_report() -> Report {
         rejected_events: 0,
         sampled_out_events: 0,
         filter: Default::default(),
+        coverage: Default::default(),
     }
 }
 

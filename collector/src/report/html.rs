@@ -62,6 +62,8 @@ tr.misrouted td { background: var(--red-bg); }
 tr.misrouted td.verdict { color: var(--red); font-weight: 600; }
 tr.redirected td.verdict { color: var(--amber); font-weight: 600; }
 tr.blackholed td.verdict { color: var(--grey); font-weight: 600; }
+tr.uncovered td { background: var(--red-bg); }
+tr.uncovered td.covered { color: var(--red); font-weight: 600; }
 .pods { font-size: 13px; color: var(--muted); }
 .pod { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; overflow-wrap: anywhere; }
 .pod + .pod::before { content: ", "; }
@@ -114,6 +116,7 @@ button.copy { font: inherit; font-size: 13px; padding: 4px 10px; }
   .cause-group, .group, .card { border-left-width: 1px; }
   .badge { border: 1px solid #000; }
   tr.misrouted td.verdict { text-decoration: underline; }
+  tr.uncovered td.covered { text-decoration: underline; }
   pre.inspect { border: 1px solid #777; }
   a { color: inherit; text-decoration: none; }
   .scroll { overflow: visible; }
@@ -306,6 +309,7 @@ pub fn render_html(report: &Report, generated_at: &str) -> String {
     summary(&mut page, report, &groups);
     findings(&mut page, report, &groups);
     flows(&mut page, report);
+    coverage(&mut page, report);
     gaps(&mut page, report);
     let _ = write!(
         page,
@@ -504,6 +508,22 @@ fn summary(page: &mut String, report: &Report, groups: &[CauseGroup<'_>]) {
         "<div class=\"card\" data-would-close=\"{would_close}\" data-enforced=\"{enforced}\">\
          <div class=\"number\">{would_close}</div><div>connections enforce mode would close</div>\
          <div class=\"muted\">{enforced} of them closed by sidecars in enforce mode</div></div>"
+    );
+    let expected = report
+        .coverage
+        .namespaces
+        .iter()
+        .filter(|ns| ns.expected)
+        .count();
+    let uncovered = report.coverage.uncovered.len();
+    let judged: u64 = report.coverage.namespaces.iter().map(|ns| ns.judged).sum();
+    let _ = writeln!(
+        page,
+        "<div class=\"card{}\" data-uncovered=\"{uncovered}\" data-judged=\"{judged}\"><div class=\"number\">{}</div>\
+         <div>expected namespaces covered</div><div class=\"muted\">{judged} connections judged; \
+         see <a href=\"#coverage\">coverage</a></div></div>",
+        if uncovered > 0 { " warn" } else { "" },
+        escape(&format!("{} of {expected}", expected - uncovered))
     );
     let gap_total = report.dropped_events + report.rejected_events;
     let _ = writeln!(
@@ -928,6 +948,78 @@ fn flow_diagram(page: &mut String, rows: &[(usize, &ReportRow)]) {
     page.push_str("</svg></div>\n");
 }
 
+/// Which namespaces have reporting sidecars, what they judged, and which
+/// sidecars went stale: rows are only as complete as this.
+fn coverage(page: &mut String, report: &Report) {
+    let coverage = &report.coverage;
+    page.push_str(
+        "<section id=\"coverage\">\n<h2>Coverage</h2>\n<p class=\"muted\">Pods whose dialguard \
+         sidecar reports (heard within three heartbeat intervals) or went stale, per namespace. \
+         Judged connections are the sidecars' own counts of every connection they judged, \
+         legitimate ones included: no rows for a covered namespace means no misroutes; no rows \
+         for an uncovered one means nothing was watched.</p>\n",
+    );
+    if coverage.namespaces.is_empty() {
+        page.push_str("<p>No sidecar has reported and no namespace is expected.</p>\n");
+    } else {
+        page.push_str(
+            "<table class=\"coverage\">\n<tr><th>namespace</th><th>expected</th><th>covered</th>\
+             <th>reporting sidecars</th><th>stale sidecars</th><th>judged connections</th></tr>\n",
+        );
+        for ns in &coverage.namespaces {
+            let uncovered = ns.expected && !ns.covered;
+            let _ = writeln!(
+                page,
+                "<tr data-namespace=\"{name}\" data-covered=\"{covered}\" data-expected=\"{expected}\" \
+                 data-judged=\"{judged}\"{class}><td><code>{name}</code></td><td>{expected_text}</td>\
+                 <td class=\"covered\">{covered_text}</td><td class=\"num\">{sidecars}</td>\
+                 <td class=\"num\">{stale}</td><td class=\"num\">{judged}</td></tr>",
+                name = escape(&ns.namespace),
+                covered = ns.covered,
+                expected = ns.expected,
+                judged = ns.judged,
+                class = if uncovered {
+                    " class=\"uncovered\""
+                } else {
+                    ""
+                },
+                expected_text = if ns.expected { "yes" } else { "no" },
+                covered_text = if ns.covered {
+                    "yes"
+                } else if ns.expected {
+                    "NO: nothing watched"
+                } else {
+                    "no"
+                },
+                sidecars = ns.sidecars,
+                stale = ns.stale,
+            );
+        }
+        page.push_str("</table>\n");
+    }
+    let stale: Vec<_> = coverage.sidecars.iter().filter(|s| s.stale).collect();
+    if !stale.is_empty() {
+        let _ = writeln!(
+            page,
+            "<h3>Stale sidecars ({})</h3>\n<ul class=\"stale\">",
+            stale.len()
+        );
+        for sidecar in stale {
+            let _ = writeln!(
+                page,
+                "<li data-stale-pod=\"{ns}/{pod}\"><code>{ns}/{pod}</code> <span class=\"muted\">last seen {}, \
+                 filter {}</span></li>",
+                escape(&sidecar.last_seen),
+                escape(&sidecar.filter_version),
+                ns = escape(&sidecar.namespace),
+                pod = escape(&sidecar.pod),
+            );
+        }
+        page.push_str("</ul>\n");
+    }
+    page.push_str("</section>\n");
+}
+
 fn gaps(page: &mut String, report: &Report) {
     let _ = writeln!(
         page,
@@ -1119,6 +1211,7 @@ mod tests {
             rejected_events: 0,
             sampled_out_events: 0,
             filter: AppliedFilter::default(),
+            coverage: Default::default(),
         }
     }
 
@@ -1308,6 +1401,22 @@ mod tests {
                 namespace: Some("<b>".into()),
                 ..Default::default()
             },
+            coverage: crate::inventory::Coverage {
+                sidecars: vec![crate::inventory::SidecarCoverage {
+                    pod: evil_text().into(),
+                    namespace: evil_text().into(),
+                    filter_version: evil_text().into(),
+                    last_seen: evil_text().into(),
+                    stale: true,
+                    ..Default::default()
+                }],
+                namespaces: vec![crate::inventory::NamespaceCoverage {
+                    namespace: evil_text().into(),
+                    expected: true,
+                    ..Default::default()
+                }],
+                uncovered: vec![evil_text().into()],
+            },
         };
         let page = render_html(&report, "<now>");
         for needle in ["<img", "<script>alert", "</script><script>", "<b>", "<now>"] {
@@ -1330,6 +1439,7 @@ mod tests {
                 rejected_events: 0,
                 sampled_out_events: 0,
                 filter: AppliedFilter::default(),
+                coverage: Default::default(),
             },
             "2026-12-01T00:00:00.000Z",
         );

@@ -195,6 +195,10 @@ pub async fn fill(server: &Server) -> Fixture {
     // then see the same directory.
     manager_stream.close().await;
     app_stream.close().await;
+    // The inventory (the coverage's last-seen times) is written at most a
+    // second after the streams end: reports compared with one another must
+    // all come after that.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
     fixture
 }
 
