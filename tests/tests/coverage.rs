@@ -221,6 +221,9 @@ fn a_stopped_sidecar_goes_stale_and_the_dialed_pod_is_named() -> anyhow::Result<
         (sidecar_entry(&coverage, PEER_POD)?["stale"] == false).then_some(())
     })
     .context("the peer sidecar never appeared in coverage")?;
+    let both = coverage(&incident.collector)?;
+    let namespace = namespace_entry(&both, "manager").context("namespace manager")?;
+    assert_eq!(namespace["sidecars"], 2, "both manager pods report: {both}");
 
     // The incident's headline: the member dials its peer's pod IP and the
     // catch-all sends it to idle. The report names the pod it was meant for.

@@ -85,6 +85,12 @@ fn main() -> anyhow::Result<()> {
             "the collector did not receive the {misrouted} misrouted connections within 15 s"
         );
     }
+    // Both manager pods' sidecars said hello when they started; the
+    // collector writes its inventory once a second.
+    dialguard_tests::wait_for(Duration::from_secs(10), || {
+        let coverage = incident.collector.report_json().ok()?;
+        (coverage["coverage"]["namespaces"][0]["sidecars"] == 2).then_some(())
+    });
     // Envoy writes its access log about once a second.
     dialguard_tests::wait_for(Duration::from_secs(3), || {
         (incident.access_log().lines().count() >= 7).then_some(())
