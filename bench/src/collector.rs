@@ -639,14 +639,13 @@ impl Bench<'_> {
             timeout: self.options.timeout,
         };
         let mut acked = 0;
-        let mut connected = collector.connected;
         for first in (0..vms).step_by(FILL_WAVE) {
             let wave = (first..vms.min(first + FILL_WAVE))
                 .map(|i| Vm::new(i, vms.div_ceil(VMS_PER_SIDECAR), 100 + stage))
                 .collect::<Vec<_>>();
-            connected += wave.len();
+            let opened = wave.len();
             let streams = self.runtime.block_on(load::open(collector.grpc, wave))?;
-            collector.wait_connected(connected, Duration::from_secs(60))?;
+            collector.wait_connected(opened, Duration::from_secs(60))?;
             let (start, started) = watch::channel(true);
             let driven = self.runtime.block_on(load::drive(streams, pace, started));
             drop(start);
@@ -744,7 +743,7 @@ pub fn median(times: &[Duration]) -> Duration {
 
 /// `dialguard serve` as the benchmark runs it: port 0 for both listeners,
 /// its stdout (one alert line per misrouted event) counted and discarded,
-/// its log read for the listening line and for each `sidecar connected`.
+/// its log read for the listening line (and kept for errors).
 struct CollectorProcess {
     process: ChildGuard,
     binary: PathBuf,
@@ -752,7 +751,6 @@ struct CollectorProcess {
     grpc: SocketAddr,
     http: SocketAddr,
     log: Receiver<String>,
-    connected: usize,
     recent: Vec<String>,
     alerts: Arc<AtomicU64>,
     alert_reader: JoinHandle<()>,
@@ -800,7 +798,6 @@ impl CollectorProcess {
                     grpc,
                     http,
                     log,
-                    connected: 0,
                     recent,
                     alerts,
                     alert_reader,
@@ -833,7 +830,6 @@ impl CollectorProcess {
         Ok(output.stdout)
     }
 
-    /// Waits until the collector has logged `streams` connected sidecars.
     /// A counter or gauge's value on `/metrics` (summed over its series).
     fn metric(&self, name: &str) -> Option<u64> {
         let url = format!("http://{}/metrics", self.http);
@@ -854,35 +850,36 @@ impl CollectorProcess {
         (!values.is_empty()).then(|| values.iter().sum::<f64>() as u64)
     }
 
+    /// Waits until the collector counts `streams` open streams (its
+    /// `dialguard_streams_connected` gauge: every hello processed).
     fn wait_connected(&mut self, streams: usize, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
-        while self.connected < streams {
-            let Some(wait) = deadline.checked_duration_since(Instant::now()) else {
-                let connected = self.connected;
+        loop {
+            let connected = self.metric("dialguard_streams_connected").unwrap_or(0);
+            if connected >= streams as u64 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
                 bail!(
                     "{connected} of {streams} streams connected after {timeout:?}: {}",
                     self.log_tail()
                 );
-            };
-            if let Ok(line) = self.log.recv_timeout(wait) {
+            }
+            while let Ok(line) = self.log.try_recv() {
                 self.note(line);
             }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(())
     }
 
     fn note(&mut self, line: String) {
-        if line.contains("sidecar connected") {
-            self.connected += 1;
-        } else {
-            self.recent.push(line);
-            if self.recent.len() > 40 {
-                self.recent.drain(..20);
-            }
+        self.recent.push(line);
+        if self.recent.len() > 40 {
+            self.recent.drain(..20);
         }
     }
 
-    /// The last lines of its log other than `sidecar connected`, for errors.
+    /// The last lines of its log, for errors.
     fn log_tail(&mut self) -> String {
         while let Ok(line) = self.log.try_recv() {
             self.note(line);
