@@ -281,7 +281,10 @@ pub struct HeartbeatResult {
     pub vms: usize,
     pub interval: Duration,
     pub beaten: crate::heartbeat::Beaten,
+    /// Collector CPU over the window's first quarter (heartbeats alone),
+    /// and the heartbeats completed in it.
     pub collector_cpu: Duration,
+    pub beats_measured: u64,
     /// Collector VmRSS at the end of the window, and its peak so far.
     pub rss_kib: u64,
     pub peak_kib: u64,
@@ -293,7 +296,7 @@ pub struct HeartbeatResult {
 
 impl HeartbeatResult {
     pub fn cpu_us_per_heartbeat(&self) -> f64 {
-        self.collector_cpu.as_secs_f64() * 1e6 / self.beaten.ok.max(1) as f64
+        self.collector_cpu.as_secs_f64() * 1e6 / self.beats_measured.max(1) as f64
     }
 }
 
@@ -540,32 +543,47 @@ impl Bench<'_> {
                 }
                 None => None,
             };
+            // The collector's CPU per heartbeat is read over the window's
+            // first quarter, heartbeats alone; then the ingest case starts
+            // and runs alongside.
+            let tally = Arc::new(crate::heartbeat::Tally::default());
             let cpu_before = process_cpu(pid)?;
-            let (beaten, driven) = self.runtime.block_on(async {
+            let (beaten, driven, quarter) = self.runtime.block_on(async {
                 let (start, started) = watch::channel(false);
-                let driving = alongside
-                    .map(|(streams, pace)| tokio::spawn(load::drive(streams, pace, started)));
-                // The ingest starts a quarter into the window, when every
-                // VM's first heartbeat phase is well under way.
+                let driving = alongside.map(|(streams, pace)| {
+                    tokio::spawn(load::drive(streams, pace, started))
+                });
+                let counted = Arc::clone(&tally);
                 let starter = tokio::spawn(async move {
                     tokio::time::sleep(window / 4).await;
+                    let cpu = process_cpu(pid);
+                    let beats = counted.ok.load(Ordering::Relaxed);
                     let _ = start.send(true);
+                    cpu.map(|cpu| (cpu, beats))
                 });
-                let beaten =
-                    crate::heartbeat::beat(&connected, interval, window, round as u64 + 1).await;
-                let _ = starter.await;
+                let beaten = crate::heartbeat::beat(
+                    &connected,
+                    interval,
+                    window,
+                    round as u64 + 1,
+                    Arc::clone(&tally),
+                )
+                .await;
+                let quarter = starter.await??;
                 let driven = match driving {
                     Some(task) => Some(task.await??),
                     None => None,
                 };
-                anyhow::Ok((beaten, driven))
+                anyhow::Ok((beaten, driven, quarter))
             })?;
-            let collector_cpu = process_cpu(pid)?.saturating_sub(cpu_before);
+            let (cpu_at_quarter, beats_at_quarter) = quarter;
+            let collector_cpu = cpu_at_quarter.saturating_sub(cpu_before);
             let result = HeartbeatResult {
                 vms: case.vms,
                 interval,
                 beaten,
                 collector_cpu,
+                beats_measured: beats_at_quarter,
                 rss_kib: status_kib(pid, "VmRSS")?,
                 peak_kib: status_kib(pid, "VmHWM")?,
                 alongside: driven,

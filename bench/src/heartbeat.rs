@@ -105,9 +105,10 @@ impl Beaten {
     }
 }
 
+/// Heartbeats so far, shared with the caller while they run.
 #[derive(Debug, Default)]
-struct Tally {
-    ok: AtomicU64,
+pub struct Tally {
+    pub ok: AtomicU64,
     failed: AtomicU64,
     latency_sum_us: AtomicU64,
     latency_max_us: AtomicU64,
@@ -121,8 +122,8 @@ pub async fn beat(
     interval: Duration,
     window: Duration,
     round: u64,
+    tally: Arc<Tally>,
 ) -> Beaten {
-    let tally = Arc::new(Tally::default());
     let started = Instant::now();
     let end = started + window;
     let mut tasks = JoinSet::new();
