@@ -90,6 +90,9 @@ pub struct Options {
 #[derive(Debug, Clone)]
 pub struct HeartbeatCase {
     pub vms: usize,
+    /// Connections they share (one each when equal to `vms`; each is a
+    /// socket in both processes, so the open-files limit bounds it).
+    pub connections: usize,
     /// (interval, window) pairs.
     pub intervals: Vec<(Duration, Duration)>,
     pub alongside: Option<IngestCase>,
@@ -121,6 +124,7 @@ impl Options {
             progress: true,
             heartbeats: Some(HeartbeatCase {
                 vms: 40_000,
+                connections: 40_000,
                 intervals: vec![
                     (Duration::from_secs(60), Duration::from_secs(60)),
                     (Duration::from_secs(6), Duration::from_secs(30)),
@@ -148,6 +152,7 @@ impl Options {
             progress: true,
             heartbeats: Some(HeartbeatCase {
                 vms: 200,
+                connections: 200,
                 intervals: vec![(Duration::from_secs(1), Duration::from_secs(3))],
                 alongside: Some(IngestCase {
                     streams: 2,
@@ -279,6 +284,7 @@ pub struct Results {
 #[derive(Debug, Clone)]
 pub struct HeartbeatResult {
     pub vms: usize,
+    pub connections: usize,
     pub interval: Duration,
     pub beaten: crate::heartbeat::Beaten,
     /// Collector CPU over the window's first quarter (heartbeats alone),
@@ -500,8 +506,9 @@ impl Bench<'_> {
 
     fn heartbeats(&self, case: &HeartbeatCase) -> anyhow::Result<Vec<HeartbeatResult>> {
         self.progress(&format!(
-            "heartbeats: connecting {} VMs",
-            thousands(case.vms as u64)
+            "heartbeats: {} VMs over {} connections",
+            thousands(case.vms as u64),
+            thousands(case.connections.min(case.vms) as u64)
         ));
         let db = self.fresh_db("heartbeats.db")?;
         let collector = CollectorProcess::start(&self.parts.collector, &db)?;
@@ -509,6 +516,7 @@ impl Bench<'_> {
         let connected = self.runtime.block_on(crate::heartbeat::connect(
             collector.grpc,
             Self::vms(case.vms, 7),
+            case.connections,
         ))?;
         self.progress(&format!(
             "  connected in {:.1} s",
@@ -580,6 +588,7 @@ impl Bench<'_> {
             let collector_cpu = cpu_at_quarter.saturating_sub(cpu_before);
             let result = HeartbeatResult {
                 vms: case.vms,
+                connections: case.connections.min(case.vms),
                 interval,
                 beaten,
                 collector_cpu,
@@ -1010,8 +1019,9 @@ impl Results {
             ));
             for r in &self.heartbeats {
                 line(format!(
-                    "{:>7} {:>8}s {:>11} {:>8.0} {:>7} {:>12.1} {:>10.1} {:>10} {:>10} {:>13} {:>10}",
+                    "{:>7} {:>7} {:>8}s {:>11} {:>8.0} {:>7} {:>12.1} {:>10.1} {:>10} {:>10} {:>13} {:>10}",
                     thousands(r.vms as u64),
+                    thousands(r.connections as u64),
                     r.interval.as_secs(),
                     thousands(r.beaten.ok),
                     r.beaten.per_second(),

@@ -40,11 +40,30 @@ pub struct Connected {
     client: CollectorClient<Channel>,
 }
 
-/// Connects every VM, [`CONNECT_CONCURRENCY`] at a time.
-pub async fn connect(collector: SocketAddr, vms: Vec<Vm>) -> anyhow::Result<Vec<Connected>> {
+/// Opens `connections` connections, [`CONNECT_CONCURRENCY`] at a time, and
+/// gives VM i connection i mod `connections`: one each when there are as
+/// many (as in a mesh), shared when a process may not hold that many
+/// sockets (the open-files limit).
+pub async fn connect(
+    collector: SocketAddr,
+    vms: Vec<Vm>,
+    connections: usize,
+) -> anyhow::Result<Vec<Connected>> {
+    let channels = open_channels(collector, connections.clamp(1, vms.len().max(1))).await?;
+    Ok(vms
+        .into_iter()
+        .enumerate()
+        .map(|(i, vm)| Connected {
+            vm,
+            client: CollectorClient::new(channels[i % channels.len()].clone()),
+        })
+        .collect())
+}
+
+async fn open_channels(collector: SocketAddr, count: usize) -> anyhow::Result<Vec<Channel>> {
     let permits = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let mut tasks = JoinSet::new();
-    for (index, vm) in vms.into_iter().enumerate() {
+    for index in 0..count {
         let source = source_address(index);
         let endpoint = Endpoint::from_shared(format!("http://{collector}"))?
             .connect_timeout(CONNECT_TIMEOUT)
@@ -57,21 +76,15 @@ pub async fn connect(collector: SocketAddr, vms: Vec<Vm>) -> anyhow::Result<Vec<
                 .await
                 .context("timed out connecting")?
                 .with_context(|| format!("connecting from {source}"))?;
-            anyhow::Ok((
-                index,
-                Connected {
-                    vm,
-                    client: CollectorClient::new(channel),
-                },
-            ))
+            anyhow::Ok((index, channel))
         });
     }
-    let mut connected = Vec::with_capacity(tasks.len());
+    let mut channels = Vec::with_capacity(tasks.len());
     while let Some(joined) = tasks.join_next().await {
-        connected.push(joined??);
+        channels.push(joined??);
     }
-    connected.sort_by_key(|(index, _)| *index);
-    Ok(connected.into_iter().map(|(_, c)| c).collect())
+    channels.sort_by_key(|(index, _)| *index);
+    Ok(channels.into_iter().map(|(_, c)| c).collect())
 }
 
 fn source_address(index: usize) -> IpAddr {

@@ -40,6 +40,10 @@ struct Cli {
     /// VMs in the heartbeat measurement (0 skips it); full run 40,000.
     #[arg(long)]
     heartbeat_vms: Option<usize>,
+    /// Connections the VMs share (default: one each); each is a socket in
+    /// both processes, so the open-files hard limit bounds it.
+    #[arg(long)]
+    heartbeat_connections: Option<usize>,
     /// Heartbeat intervals and their windows, INTERVAL:WINDOW in seconds,
     /// e.g. `60:60,6:30` (the full run's).
     #[arg(long, value_delimiter = ',')]
@@ -116,6 +120,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(heartbeats) = &mut options.heartbeats {
         if let Some(vms) = cli.heartbeat_vms {
             heartbeats.vms = vms;
+            heartbeats.connections = vms;
+        }
+        if let Some(connections) = cli.heartbeat_connections {
+            heartbeats.connections = connections;
         }
         if !cli.heartbeat_intervals.is_empty() {
             heartbeats.intervals = cli
