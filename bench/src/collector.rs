@@ -316,7 +316,7 @@ pub fn run(parts: &Parts, options: &Options) -> anyhow::Result<Results> {
             options
                 .heartbeats
                 .as_ref()
-                .map(|h| h.vms + h.alongside.map_or(0, |a| a.streams)),
+                .map(|h| h.connections.min(h.vms) + h.alongside.map_or(0, |a| a.streams)),
         )
         .max()
         .unwrap_or(0);
@@ -558,9 +558,8 @@ impl Bench<'_> {
             let cpu_before = process_cpu(pid)?;
             let (beaten, driven, quarter) = self.runtime.block_on(async {
                 let (start, started) = watch::channel(false);
-                let driving = alongside.map(|(streams, pace)| {
-                    tokio::spawn(load::drive(streams, pace, started))
-                });
+                let driving = alongside
+                    .map(|(streams, pace)| tokio::spawn(load::drive(streams, pace, started)));
                 let counted = Arc::clone(&tally);
                 let starter = tokio::spawn(async move {
                     tokio::time::sleep(window / 4).await;
