@@ -1,6 +1,6 @@
 //! The collector benchmark's quick mode, run by `cargo xtask test`: two
-//! streams of a few thousand events, a few idle streams and a small
-//! database. It checks that the measurement works (every acknowledged event
+//! streams of a few thousand events, a few idle streams, a small database
+//! and 200 heartbeating VMs. It checks that the measurement works (every acknowledged event
 //! stored once and counted by the report, memory and report times read),
 //! never the scale targets, which need the full run on a quiet machine.
 
@@ -41,5 +41,14 @@ fn quick_collector_benchmark_measures_ingest_memory_and_report() -> anyhow::Resu
     assert_eq!(report.cli.len(), options.report_runs);
     assert_eq!(report.http.len(), options.report_runs);
     assert!(report.rows > 0 && report.json_bytes > 0);
+
+    // Heartbeats: every VM beat at least once, each beat's stream ended
+    // with OK, and the collector counted exactly those.
+    assert_eq!(results.heartbeats.len(), 1);
+    let beats = &results.heartbeats[0];
+    assert_eq!(beats.beaten.failed, 0, "{beats:?}");
+    assert!(beats.beaten.ok >= beats.vms as u64, "{beats:?}");
+    assert_eq!(beats.heartbeats_counted, Some(beats.beaten.ok), "{beats:?}");
+    assert!(beats.alongside.is_some_and(|d| d.acked > 0), "{beats:?}");
     Ok(())
 }
