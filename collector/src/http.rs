@@ -221,28 +221,50 @@ fn module_sha256(state: &AppState, build: Build) -> impl IntoResponse + use<> {
     }
 }
 
-/// `GET /api/v1/report[?since=&until=&namespace=&verdict=&port=]`: the
-/// report, filtered as `dialguard report` filters it. A bad parameter gets
-/// 400 and `{"error": "<parameter> \"<value>\": expected ..."}`.
-async fn report_json(
-    State(state): State<AppState>,
-    axum::extract::RawQuery(query): axum::extract::RawQuery,
-) -> Result<Json<Report>, (StatusCode, Json<serde_json::Value>)> {
-    let error = |status, message: String| (status, Json(serde_json::json!({ "error": message })));
+/// An API error: the status and `{"error": "<message>"}`.
+type ApiError = (StatusCode, Json<serde_json::Value>);
+
+fn api_error(status: StatusCode, message: String) -> ApiError {
+    (status, Json(serde_json::json!({ "error": message })))
+}
+
+/// Parses the report filters of `query` (400 naming the parameter, e.g.
+/// `{"error": "since \"x\": expected ..."}`) and runs `read` with them on
+/// a reading connection to the database, off the async threads.
+async fn read_filtered<T: Send + 'static>(
+    state: AppState,
+    query: Option<String>,
+    read: fn(&rusqlite::Connection, &report::ReportFilter) -> Result<T, store::StoreError>,
+) -> Result<Json<T>, ApiError> {
     let filter = report::FilterArgs::from_query(query.as_deref().unwrap_or(""))
         .and_then(|args| args.resolve(std::time::SystemTime::now()))
-        .map_err(|err| error(StatusCode::BAD_REQUEST, err.to_string()))?;
+        .map_err(|err| api_error(StatusCode::BAD_REQUEST, err.to_string()))?;
     let db_path = state.db_path;
     let result = tokio::task::spawn_blocking(move || {
         let conn = store::open_for_reading(&db_path)?;
-        report::query_filtered(&conn, &filter)
+        read(&conn, &filter)
     })
     .await;
     match result {
-        Ok(Ok(report)) => Ok(Json(report)),
-        Ok(Err(err)) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
-        Err(err) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
+        Ok(Ok(value)) => Ok(Json(value)),
+        Ok(Err(err)) => Err(api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            err.to_string(),
+        )),
+        Err(err) => Err(api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            err.to_string(),
+        )),
     }
+}
+
+/// `GET /api/v1/report[?since=&until=&namespace=&verdict=&port=]`: the
+/// report, filtered as `dialguard report` filters it.
+async fn report_json(
+    State(state): State<AppState>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Json<Report>, ApiError> {
+    read_filtered(state, query, report::query_filtered).await
 }
 
 /// `GET /api/v1/coverage[?since=&until=&namespace=]`: the report's
@@ -251,20 +273,6 @@ async fn report_json(
 async fn coverage_json(
     State(state): State<AppState>,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
-) -> Result<Json<Coverage>, (StatusCode, Json<serde_json::Value>)> {
-    let error = |status, message: String| (status, Json(serde_json::json!({ "error": message })));
-    let filter = report::FilterArgs::from_query(query.as_deref().unwrap_or(""))
-        .and_then(|args| args.resolve(std::time::SystemTime::now()))
-        .map_err(|err| error(StatusCode::BAD_REQUEST, err.to_string()))?;
-    let db_path = state.db_path;
-    let result = tokio::task::spawn_blocking(move || {
-        let conn = store::open_for_reading(&db_path)?;
-        report::coverage(&conn, &filter)
-    })
-    .await;
-    match result {
-        Ok(Ok(coverage)) => Ok(Json(coverage)),
-        Ok(Err(err)) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
-        Err(err) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())),
-    }
+) -> Result<Json<Coverage>, ApiError> {
+    read_filtered(state, query, report::coverage).await
 }

@@ -28,6 +28,14 @@ fn config_with_allowed_port(port: u16) -> Value {
     config
 }
 
+/// The incident with its listeners over file-based LDS and dialguard
+/// configured as `config`.
+fn start(dist: &Dist, config: &Value) -> anyhow::Result<(Incident, DynamicListeners)> {
+    Incident::start_dynamic(dist, false, |c| {
+        Ok(Install::local(&dist.module, config, c.grpc))
+    })
+}
+
 fn misroute(incident: &Incident, times: usize) -> anyhow::Result<()> {
     let l = &incident.layout;
     for _ in 0..times {
@@ -82,13 +90,7 @@ fn stored_exactly(incident: &Incident, expected: u64) -> anyhow::Result<u64> {
 #[test]
 fn misroutes_buffered_across_configuration_changes_are_all_stored_once() -> anyhow::Result<()> {
     let dist = Dist::locate()?;
-    let (mut incident, mut lds) = Incident::start_dynamic(&dist, false, |c| {
-        Ok(Install::local(
-            &dist.module,
-            &sidecar::filter_config(),
-            c.grpc,
-        ))
-    })?;
+    let (mut incident, mut lds) = start(&dist, &sidecar::filter_config())?;
     // Something delivered first, so sequence numbers are under way.
     misroute(&incident, 2)?;
     stored_exactly(&incident, 2)?;
@@ -114,13 +116,7 @@ fn misroutes_buffered_across_configuration_changes_are_all_stored_once() -> anyh
 #[test]
 fn a_removed_filter_logs_what_it_could_not_deliver() -> anyhow::Result<()> {
     let dist = Dist::locate()?;
-    let (mut incident, mut lds) = Incident::start_dynamic(&dist, false, |c| {
-        Ok(Install::local(
-            &dist.module,
-            &sidecar::filter_config(),
-            c.grpc,
-        ))
-    })?;
+    let (mut incident, mut lds) = start(&dist, &sidecar::filter_config())?;
     misroute(&incident, 1)?;
     stored_exactly(&incident, 1)?;
     incident.collector.kill();
@@ -156,9 +152,7 @@ fn an_overflow_across_a_change_is_counted_exactly() -> anyhow::Result<()> {
     let mut small = sidecar::filter_config();
     small["collector"]["maxBatchEvents"] = json!(4);
     small["collector"]["maxBufferedEvents"] = json!(4);
-    let (mut incident, mut lds) = Incident::start_dynamic(&dist, false, |c| {
-        Ok(Install::local(&dist.module, &small, c.grpc))
-    })?;
+    let (mut incident, mut lds) = start(&dist, &small)?;
     incident.collector.kill();
     misroute(&incident, 12)?;
     let mut changed = small.clone();
