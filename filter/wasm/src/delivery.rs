@@ -27,6 +27,8 @@ const MAX_BACKOFF_NANOS: u64 = 30_000_000_000;
 const LINGER_NANOS: u64 = 5_000_000_000;
 /// gRPC status OK.
 const OK: u32 = 0;
+/// gRPC status INVALID_ARGUMENT.
+const INVALID_ARGUMENT: u32 = 3;
 
 #[derive(Debug)]
 pub struct Delivery {
@@ -39,6 +41,11 @@ pub struct Delivery {
     consecutive_failures: u32,
     retry_at_nanos: u64,
     heartbeat: HeartbeatClock,
+    /// False once a collector refused a stream with INVALID_ARGUMENT while
+    /// this VM sent heartbeats: a collector of an earlier release, which
+    /// takes the unknown `heartbeat` message for an empty one. The VM then
+    /// sends hellos (on the same schedule) and batches only, which it reads.
+    heartbeats_understood: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +70,7 @@ impl Delivery {
             consecutive_failures: 0,
             retry_at_nanos: 0,
             heartbeat: HeartbeatClock::new(collector.heartbeat_interval_ms, seed),
+            heartbeats_understood: true,
         }
     }
 
@@ -134,11 +142,13 @@ impl Delivery {
         // A new stream always starts with a heartbeat after its hello, so
         // the collector learns the counters with the identity.
         if heartbeat_due || opened {
-            let message = SidecarMessage {
-                kind: Some(sidecar_message::Kind::Heartbeat(tally.heartbeat(outbox))),
-            };
-            if abi::grpc_send(token, &message.encode_to_vec()).is_err() {
-                return self.broken(token, now, outbox, metrics);
+            if self.heartbeats_understood {
+                let message = SidecarMessage {
+                    kind: Some(sidecar_message::Kind::Heartbeat(tally.heartbeat(outbox))),
+                };
+                if abi::grpc_send(token, &message.encode_to_vec()).is_err() {
+                    return self.broken(token, now, outbox, metrics);
+                }
             }
             self.heartbeat.sent(now);
         }
@@ -246,6 +256,19 @@ impl Delivery {
         outbox: &mut Outbox,
         metrics: &Metrics,
     ) {
+        let ours = self.closing == Some(token) || self.stream.map(|s| s.token) == Some(token);
+        if ours && status == INVALID_ARGUMENT && self.heartbeats_understood {
+            self.heartbeats_understood = false;
+            abi::log(
+                LogLevel::Warn,
+                &format!(
+                    "dialguard: the collector on cluster {} refused a stream as invalid; taking it \
+                     for an earlier release that does not read heartbeats: hellos and events only \
+                     from now on",
+                    self.cluster
+                ),
+            );
+        }
         if self.closing == Some(token) {
             // Our side was ended with everything acknowledged: OK means the
             // heartbeat was stored too; anything else, send it again.
