@@ -5,8 +5,11 @@
 //! with a status.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use dialguard_proto::limits;
 
 use dialguard_proto::v1::collector_server::Collector;
 use dialguard_proto::v1::{
@@ -20,7 +23,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::alert::AlertSink;
 use crate::alertmanager::AlertmanagerSink;
 use crate::directory::Directory;
-use crate::event::ValidEvent;
+use crate::event::{EventError, TimeWindow, ValidEvent};
 use crate::finding::{self, Cause};
 use crate::inventory::{INTERVAL_RANGE_MS, Inventory, InventoryError, VmKey};
 use crate::metrics::Metrics;
@@ -39,6 +42,12 @@ pub struct Limits {
     pub hello_timeout: Duration,
     /// Most sidecar VMs in the inventory (`RESOURCE_EXHAUSTED` for a new one).
     pub max_vms: usize,
+    /// Events older than this are refused in the ack (`serve` makes it no
+    /// longer than `--retention`: an older event would expire at once).
+    pub max_event_age: Duration,
+    /// Events stamped further ahead of the collector's clock than this are
+    /// refused in the ack.
+    pub max_clock_skew: Duration,
 }
 
 impl Default for Limits {
@@ -49,6 +58,8 @@ impl Default for Limits {
             max_streams: 20_000,
             hello_timeout: Duration::from_secs(10),
             max_vms: crate::inventory::DEFAULT_MAX_VMS,
+            max_event_age: crate::DEFAULT_RETENTION,
+            max_clock_skew: Duration::from_secs(3600),
         }
     }
 }
@@ -67,6 +78,25 @@ pub enum IngestError {
         value: String,
         expected: &'static str,
     },
+    #[error("hello.{field}: {bytes} bytes, expected at most {max}")]
+    HelloTooLong {
+        field: &'static str,
+        bytes: usize,
+        max: usize,
+    },
+    #[error("hello.instance_ips: {count} addresses, expected at most {max}")]
+    TooManyInstanceIps { count: usize, max: usize },
+    #[error("hello.instance_ips[{index}]: {value:?}, expected an IPv4 or IPv6 address")]
+    InstanceIp { index: usize, value: String },
+    #[error("a message could not be decoded as a SidecarMessage: {0}")]
+    Undecodable(String),
+    #[error("{0}")]
+    MessageTooLarge(String),
+    #[error(
+        "more than {EMPTY_BATCHES_PER_SECOND} empty batches in one second: \
+         an empty batch carries nothing (heartbeats say a VM is alive)"
+    )]
+    EmptyBatchFlood,
     #[error("`hello` may only be sent once per stream")]
     SecondHello,
     #[error("message has no `kind`: expected `hello`, `batch` or `heartbeat`")]
@@ -90,6 +120,8 @@ impl From<IngestError> for Status {
             IngestError::Store(_) => Status::internal(message),
             IngestError::ShuttingDown => Status::unavailable(message),
             IngestError::TooManyStreams(_)
+            | IngestError::MessageTooLarge(_)
+            | IngestError::EmptyBatchFlood
             | IngestError::Inventory(InventoryError::Full(_) | InventoryError::Flood(_)) => {
                 Status::resource_exhausted(message)
             }
@@ -97,6 +129,10 @@ impl From<IngestError> for Status {
             IngestError::HelloFirst
             | IngestError::HelloField(_)
             | IngestError::HelloValue { .. }
+            | IngestError::HelloTooLong { .. }
+            | IngestError::TooManyInstanceIps { .. }
+            | IngestError::InstanceIp { .. }
+            | IngestError::Undecodable(_)
             | IngestError::SecondHello
             | IngestError::EmptyMessage
             | IngestError::BatchTooLarge { .. }
@@ -171,7 +207,9 @@ impl Collector for CollectorService {
             let _permit = permit;
             let metrics = service.metrics.clone();
             let mut inbound = inbound;
-            if let Err(err) = service.serve_stream(&mut inbound, &tx).await {
+            // What the client certificate proved; nothing without mTLS.
+            let peer: Arc<str> = Arc::from("");
+            if let Err(err) = service.serve_stream(&mut inbound, &tx, peer).await {
                 tracing::warn!("stream ended: {err}");
                 metrics.refuse_stream(err.reason());
                 let shutting_down = matches!(err, IngestError::ShuttingDown);
@@ -201,7 +239,10 @@ impl CollectorService {
             _ = self.shutdown.wait_for(|stop| *stop) => return Err(IngestError::ShuttingDown),
         };
         match message {
-            Err(status) => Ok(Next::Broken(status)),
+            Err(status) => match refusal(&status) {
+                Some(err) => Err(err),
+                None => Ok(Next::Broken(status)),
+            },
             Ok(None) => Ok(Next::End),
             Ok(Some(SidecarMessage { kind: None })) => Err(IngestError::EmptyMessage),
             Ok(Some(SidecarMessage { kind: Some(kind) })) => Ok(Next::Message(Box::new(kind))),
@@ -212,6 +253,7 @@ impl CollectorService {
         mut self,
         inbound: &mut Streaming<SidecarMessage>,
         tx: &Outbound,
+        peer: Arc<str>,
     ) -> Result<(), IngestError> {
         let first = tokio::time::timeout(self.limits.hello_timeout, self.next(inbound))
             .await
@@ -234,7 +276,7 @@ impl CollectorService {
         };
         // Thousands of these a second (every VM's heartbeat stream): debug.
         tracing::debug!(node = %hello.node_id, vm = %hello.vm_instance, "sidecar connected");
-        let vm = VmKey::of(&hello);
+        let vm = VmKey::proven(&hello, &peer);
         self.notify
             .inventory
             .hello(&vm, &hello, crate::time::now_unix_nanos())?;
@@ -287,6 +329,7 @@ impl CollectorService {
         pipeline: &mut VecDeque<InFlight>,
     ) -> Result<(), IngestError> {
         let mut in_flight_events = 0usize;
+        let mut order = StreamOrder::default();
         loop {
             let room = pipeline.len() < PIPELINE_BATCHES && in_flight_events < PIPELINE_EVENTS;
             let step = tokio::select! {
@@ -312,7 +355,7 @@ impl CollectorService {
                             crate::time::now_unix_nanos(),
                         );
                         self.metrics.sidecar_dropped_events.inc_by(dropped);
-                        let in_flight = self.submit(hello, batch).await?;
+                        let in_flight = self.submit(hello, vm, batch, &mut order).await?;
                         in_flight_events += in_flight.events;
                         pipeline.push_back(in_flight);
                     }
@@ -352,17 +395,42 @@ impl CollectorService {
     }
 
     /// Validates a batch and queues it for commit with its share of the budget.
-    async fn submit(&self, hello: &Arc<Hello>, batch: EventBatch) -> Result<InFlight, IngestError> {
+    async fn submit(
+        &self,
+        hello: &Arc<Hello>,
+        vm: &VmKey,
+        batch: EventBatch,
+        order: &mut StreamOrder,
+    ) -> Result<InFlight, IngestError> {
         if batch.events.len() > self.limits.max_batch_events {
             return Err(IngestError::BatchTooLarge {
                 events: batch.events.len(),
                 max: self.limits.max_batch_events,
             });
         }
-        let through = batch.events.iter().map(|e| e.sequence).max().unwrap_or(0);
+        if batch.events.is_empty() {
+            // Nothing to store (its dropped count is in the inventory): acked
+            // in turn without the store, and only a few a second.
+            order.empty_batch()?;
+            return Ok(InFlight {
+                commit: PendingCommit::ready(Committed::default()),
+                through: order.high,
+                rejected: Vec::new(),
+                valid: 0,
+                events: 0,
+            });
+        }
         let events = batch.events.len();
         self.metrics.events_received.inc_by(events as u64);
-        let (mut valid, rejected) = validate_events(batch.events, &self.metrics);
+        let window = TimeWindow::around(
+            crate::time::now_unix_nanos(),
+            self.limits.max_event_age,
+            self.limits.max_clock_skew,
+        );
+        let (mut valid, rejected) =
+            validate_events(batch.events, window, &mut order.high, &self.metrics);
+        // Cumulative and never backwards: the highest sequence this stream sent.
+        let through = order.high;
         judge(&mut valid, hello, &self.notify.directory);
         if let Some(first) = rejected.first() {
             tracing::warn!(
@@ -387,6 +455,7 @@ impl CollectorService {
             .writer
             .submit(Batch {
                 sidecar: Arc::clone(hello),
+                peer: Arc::from(&*vm.peer),
                 events: valid,
                 rejected: rejected.len() as u64,
                 dropped_total: batch.dropped_total,
@@ -412,7 +481,27 @@ impl CollectorService {
         committed: Committed,
         tx: &Outbound,
     ) -> Result<bool, IngestError> {
-        self.count_stored(hello, done.valid, &committed.new_events);
+        let mut rejected = done.rejected;
+        if let Some(first) = committed.rejected.first() {
+            tracing::warn!(
+                node = %hello.node_id,
+                vm = %hello.vm_instance,
+                "refused {} events at commit, e.g. sequence {}: {}",
+                committed.rejected.len(),
+                first.sequence,
+                first.message
+            );
+            for _ in &committed.rejected {
+                self.metrics.reject_event("sequence");
+            }
+        }
+        let refused_at_commit = committed.rejected.len() as u64;
+        rejected.extend(committed.rejected);
+        self.count_stored(
+            hello,
+            done.valid.saturating_sub(refused_at_commit),
+            &committed.new_events,
+        );
         self.notify.alerts.misrouted(hello, &committed.new_events);
         if let Some(alertmanager) = &self.notify.alertmanager {
             alertmanager.observe(hello, &committed.new_events, &self.notify.directory);
@@ -420,7 +509,7 @@ impl CollectorService {
         let ack = CollectorMessage {
             kind: Some(collector_message::Kind::Ack(Ack {
                 through_sequence: done.through,
-                rejected: done.rejected,
+                rejected,
             })),
         };
         // Acks go out also while shutting down; only a sidecar that stops
@@ -430,6 +519,28 @@ impl CollectorService {
             sent = tx.send(Ok(ack)) => Ok(sent.is_ok()),
             _ = self.shutdown.wait_for(|stop| *stop) => Err(IngestError::ShuttingDown),
         }
+    }
+}
+
+/// What tonic's decoder reported about the sidecar's message, as the
+/// sidecar's fault (a refused stream, counted) rather than a broken
+/// transport. tonic gives INTERNAL for a message that does not decode,
+/// where the fault is the client's: INVALID_ARGUMENT says so.
+fn refusal(status: &Status) -> Option<IngestError> {
+    let message = status.message();
+    match status.code() {
+        Code::Internal
+            if message.starts_with("failed to decode Protobuf message")
+                || message.starts_with("protocol error") =>
+        {
+            Some(IngestError::Undecodable(message.to_owned()))
+        }
+        Code::OutOfRange | Code::ResourceExhausted
+            if message.contains("too large") || message.contains("size limit") =>
+        {
+            Some(IngestError::MessageTooLarge(message.to_owned()))
+        }
+        _ => None,
     }
 }
 
@@ -461,6 +572,43 @@ const PIPELINE_BATCHES: usize = 32;
 /// Most events of one stream queued for commit at once (bounds memory per
 /// stream; one batch of any allowed size is always accepted).
 const PIPELINE_EVENTS: usize = 16_384;
+
+/// Most empty batches a stream may send in one second; the filter never
+/// sends one.
+const EMPTY_BATCHES_PER_SECOND: u32 = 10;
+
+/// What one stream has sent so far.
+#[derive(Debug)]
+struct StreamOrder {
+    /// The highest sequence sent on this stream (what its acks are through).
+    high: u64,
+    empty_window: Instant,
+    empty_in_window: u32,
+}
+
+impl Default for StreamOrder {
+    fn default() -> Self {
+        Self {
+            high: 0,
+            empty_window: Instant::now(),
+            empty_in_window: 0,
+        }
+    }
+}
+
+impl StreamOrder {
+    fn empty_batch(&mut self) -> Result<(), IngestError> {
+        if self.empty_window.elapsed() >= Duration::from_secs(1) {
+            self.empty_window = Instant::now();
+            self.empty_in_window = 0;
+        }
+        self.empty_in_window += 1;
+        if self.empty_in_window > EMPTY_BATCHES_PER_SECOND {
+            return Err(IngestError::EmptyBatchFlood);
+        }
+        Ok(())
+    }
+}
 
 /// A batch of a stream between submit and ack.
 struct InFlight {
@@ -534,8 +682,11 @@ impl CollectorService {
 
 impl IngestError {
     /// Every value of [`IngestError::reason`].
-    pub const REASONS: [&str; 9] = [
+    pub const REASONS: [&str; 12] = [
         "invalid_hello",
+        "undecodable",
+        "message_too_large",
+        "empty_batch_flood",
         "no_hello",
         "batch_too_large",
         "too_many_streams",
@@ -552,9 +703,15 @@ impl IngestError {
             IngestError::HelloFirst
             | IngestError::HelloField(_)
             | IngestError::HelloValue { .. }
+            | IngestError::HelloTooLong { .. }
+            | IngestError::TooManyInstanceIps { .. }
+            | IngestError::InstanceIp { .. }
             | IngestError::SecondHello
             | IngestError::EmptyMessage
             | IngestError::Inventory(InventoryError::ExpectedNamespace { .. }) => "invalid_hello",
+            IngestError::Undecodable(_) => "undecodable",
+            IngestError::MessageTooLarge(_) => "message_too_large",
+            IngestError::EmptyBatchFlood => "empty_batch_flood",
             IngestError::Inventory(InventoryError::Full(_)) => "too_many_vms",
             IngestError::Inventory(InventoryError::Backwards { .. }) => "heartbeat_backwards",
             IngestError::Inventory(InventoryError::Flood(_)) => "heartbeat_flood",
@@ -570,15 +727,41 @@ impl IngestError {
 /// Splits a batch into the events to store and the ones refused, each
 /// refusal naming the field and what was expected. One bad event never costs
 /// the others of its batch.
+///
+/// Sequences must rise within a stream (`stream_high` is the highest seen on
+/// it so far, and moves up): a resend starts on a new stream, so a sequence
+/// at or below one already sent on this stream is refused, not taken for a
+/// duplicate.
 fn validate_events(
     raw: Vec<ConnectionEvent>,
+    window: TimeWindow,
+    stream_high: &mut u64,
     metrics: &Metrics,
 ) -> (Vec<ValidEvent>, Vec<Rejection>) {
     let mut events = Vec::with_capacity(raw.len());
     let mut rejected = Vec::new();
     for (index, event) in raw.into_iter().enumerate() {
         let sequence = event.sequence;
-        match ValidEvent::validate(index, event) {
+        let checked = if (1..=limits::MAX_SEQUENCE).contains(&sequence) && sequence <= *stream_high
+        {
+            Err(EventError {
+                index,
+                field: "sequence",
+                message: format!(
+                    "{sequence} is not above {}, already sent on this stream: \
+                     sequences rise within a stream (a resend starts a new stream)",
+                    *stream_high
+                ),
+            })
+        } else {
+            let checked = ValidEvent::validate(index, event, window);
+            // An event refused for another field still used its sequence.
+            if !matches!(&checked, Err(err) if err.field == "sequence") {
+                *stream_high = sequence;
+            }
+            checked
+        };
+        match checked {
             Ok(event) => events.push(event),
             Err(err) => rejected.push({
                 metrics.reject_event(err.field);
@@ -628,6 +811,38 @@ fn validate_hello(hello: Hello) -> Result<Hello, IngestError> {
     }
     if hello.vm_instance.is_empty() {
         return Err(IngestError::HelloField("vm_instance"));
+    }
+    for (field, value, max) in [
+        ("node_id", &hello.node_id, limits::NODE_ID),
+        ("vm_instance", &hello.vm_instance, limits::VM_INSTANCE),
+        ("pod_name", &hello.pod_name, limits::POD_NAME),
+        ("namespace", &hello.namespace, limits::NAMESPACE),
+        ("workload_name", &hello.workload_name, limits::WORKLOAD_NAME),
+        ("cluster_id", &hello.cluster_id, limits::CLUSTER_ID),
+        ("istio_version", &hello.istio_version, limits::VERSION),
+        ("filter_version", &hello.filter_version, limits::VERSION),
+    ] {
+        if value.len() > max {
+            return Err(IngestError::HelloTooLong {
+                field,
+                bytes: value.len(),
+                max,
+            });
+        }
+    }
+    if hello.instance_ips.len() > limits::INSTANCE_IPS {
+        return Err(IngestError::TooManyInstanceIps {
+            count: hello.instance_ips.len(),
+            max: limits::INSTANCE_IPS,
+        });
+    }
+    for (index, ip) in hello.instance_ips.iter().enumerate() {
+        if ip.len() > limits::IP || ip.trim().parse::<IpAddr>().is_err() {
+            return Err(IngestError::InstanceIp {
+                index,
+                value: ip.chars().take(limits::IP + 1).collect(),
+            });
+        }
     }
     let sha = &hello.module_sha256;
     let hex_digest = sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit());

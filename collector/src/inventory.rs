@@ -96,18 +96,28 @@ pub enum InventoryError {
     },
 }
 
-/// One VM: a (node_id, vm_instance).
+/// One VM: a (node_id, vm_instance), as proven by its connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct VmKey {
     pub node_id: Box<str>,
     pub vm_instance: Box<str>,
+    /// The identity the client certificate proved (its SPIFFE URI) under
+    /// `--grpc-client-ca`, empty without: one service account's certificate
+    /// cannot speak for, or blind, a VM of another.
+    pub peer: Box<str>,
 }
 
 impl VmKey {
+    /// The key of a VM whose connection proved no identity.
     pub fn of(hello: &Hello) -> Self {
+        Self::proven(hello, "")
+    }
+
+    pub fn proven(hello: &Hello, peer: &str) -> Self {
         Self {
             node_id: hello.node_id.as_str().into(),
             vm_instance: hello.vm_instance.as_str().into(),
+            peer: peer.into(),
         }
     }
 }

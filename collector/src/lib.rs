@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod inventory;
 pub mod metrics;
 pub mod report;
+pub mod sequence;
 pub mod store;
 pub mod time;
 pub mod tls;
@@ -143,7 +144,11 @@ pub async fn run(
         stop_rx.clone(),
     ));
     let final_flush = (inventory.clone(), writer.clone());
-    let limits = config.limits;
+    let mut limits = config.limits;
+    if let Some(retention) = config.retention {
+        // An event older than retention would be expired at once.
+        limits.max_event_age = limits.max_event_age.min(retention);
+    }
     let alertmanager = config
         .alertmanager
         .clone()

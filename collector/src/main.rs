@@ -106,6 +106,11 @@ struct ServeFlags {
     /// How long a new stream has to identify itself (e.g. 10s).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     hello_timeout: Duration,
+    /// Events stamped further ahead of this collector's clock are refused in
+    /// their ack (as are events older than --retention, or 30d with
+    /// `--retention off`).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    max_clock_skew: Duration,
     /// At most one alert line per (source, dialed, reached, cluster) per this
     /// interval; the next line counts the ones held back. 0s prints every one.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
@@ -486,15 +491,33 @@ fn main() -> ExitCode {
             // The findings are on stdout already.
             Some(AnalyzeExit::Findings) => ExitCode::from(1),
             Some(AnalyzeExit::InvalidInput(cause)) => {
-                eprintln!("dialguard: {cause:#}");
+                eprintln!("dialguard: {}", error_chain(cause));
                 ExitCode::from(2)
             }
             None => {
-                eprintln!("dialguard: {err:#}");
+                eprintln!("dialguard: {}", error_chain(&err));
                 ExitCode::FAILURE
             }
         },
     }
+}
+
+/// The error and its causes joined by ": ", each cause left out when the
+/// text before it already says it (many errors print their source in
+/// their own message too: "no such file: no such file").
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -531,6 +554,8 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
             max_streams: flags.max_streams,
             hello_timeout: flags.hello_timeout,
             max_vms: flags.max_vms,
+            max_clock_skew: flags.max_clock_skew,
+            ..Limits::default()
         },
         expected_namespaces: expected_namespaces(&flags)?,
         forget_stale: flags.forget_stale,

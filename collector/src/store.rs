@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use dialguard_proto::v1::Hello;
+use dialguard_proto::v1::{Hello, Rejection};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
@@ -18,6 +18,7 @@ use crate::event::ValidEvent;
 use crate::finding::Cause;
 use crate::inventory::{Vm, VmKey};
 use crate::metrics::Metrics;
+use crate::sequence::{Admission, Ledger};
 
 /// Migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -138,6 +139,68 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX sidecars_by_namespace ON sidecars (namespace);
      CREATE TABLE expected_namespaces (namespace TEXT PRIMARY KEY) WITHOUT ROWID;
      CREATE TABLE settings (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;",
+    // 7 (issue 12): the gaps below each VM's highest committed sequence (see
+    // `sequence::Ledger`; rows from before keep no gaps: everything at or
+    // below their mark reads as stored, as it did), and the identity the
+    // client certificate proved (`--grpc-client-ca`: the SPIFFE URI; empty
+    // without), part of what identifies a VM, so a certificate of one
+    // service account cannot write into another's VMs. SQLite cannot change
+    // a table's UNIQUE constraint: the table is rebuilt with the same ids.
+    "CREATE TABLE sidecars_v7 (
+        id INTEGER PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        vm_instance TEXT NOT NULL,
+        peer_identity TEXT NOT NULL DEFAULT '',
+        pod_name TEXT NOT NULL,
+        namespace TEXT NOT NULL,
+        workload_name TEXT NOT NULL,
+        instance_ips TEXT NOT NULL,
+        cluster_id TEXT NOT NULL,
+        istio_version TEXT NOT NULL,
+        filter_version TEXT NOT NULL,
+        first_seen_ns INTEGER NOT NULL,
+        last_seen_ns INTEGER NOT NULL,
+        dropped_total INTEGER NOT NULL DEFAULT 0,
+        committed_through INTEGER NOT NULL DEFAULT 0,
+        sequence_floor INTEGER NOT NULL DEFAULT 0,
+        sequence_gaps TEXT NOT NULL DEFAULT '',
+        rejected_total INTEGER NOT NULL DEFAULT 0,
+        build TEXT NOT NULL DEFAULT '',
+        mode TEXT NOT NULL DEFAULT '',
+        module_sha256 TEXT NOT NULL DEFAULT '',
+        heartbeat_interval_ms INTEGER NOT NULL DEFAULT 0,
+        conn_match INTEGER NOT NULL DEFAULT 0,
+        conn_service INTEGER NOT NULL DEFAULT 0,
+        conn_allowed INTEGER NOT NULL DEFAULT 0,
+        conn_misrouted INTEGER NOT NULL DEFAULT 0,
+        conn_blackholed INTEGER NOT NULL DEFAULT 0,
+        conn_redirected INTEGER NOT NULL DEFAULT 0,
+        conn_resolved INTEGER NOT NULL DEFAULT 0,
+        conn_unjudged INTEGER NOT NULL DEFAULT 0,
+        conn_enforced INTEGER NOT NULL DEFAULT 0,
+        delivery_sent INTEGER NOT NULL DEFAULT 0,
+        delivery_acked INTEGER NOT NULL DEFAULT 0,
+        delivery_resent INTEGER NOT NULL DEFAULT 0,
+        delivery_dropped INTEGER NOT NULL DEFAULT 0,
+        delivery_rejected INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (node_id, vm_instance, peer_identity)
+     );
+     INSERT INTO sidecars_v7 (id, node_id, vm_instance, pod_name, namespace, workload_name,
+        instance_ips, cluster_id, istio_version, filter_version, first_seen_ns, last_seen_ns,
+        dropped_total, committed_through, rejected_total, build, mode, module_sha256,
+        heartbeat_interval_ms, conn_match, conn_service, conn_allowed, conn_misrouted,
+        conn_blackholed, conn_redirected, conn_resolved, conn_unjudged, conn_enforced,
+        delivery_sent, delivery_acked, delivery_resent, delivery_dropped, delivery_rejected)
+     SELECT id, node_id, vm_instance, pod_name, namespace, workload_name,
+        instance_ips, cluster_id, istio_version, filter_version, first_seen_ns, last_seen_ns,
+        dropped_total, committed_through, rejected_total, build, mode, module_sha256,
+        heartbeat_interval_ms, conn_match, conn_service, conn_allowed, conn_misrouted,
+        conn_blackholed, conn_redirected, conn_resolved, conn_unjudged, conn_enforced,
+        delivery_sent, delivery_acked, delivery_resent, delivery_dropped, delivery_rejected
+     FROM sidecars;
+     DROP TABLE sidecars;
+     ALTER TABLE sidecars_v7 RENAME TO sidecars;
+     CREATE INDEX sidecars_by_namespace ON sidecars (namespace);",
 ];
 
 /// The `sidecars` columns of the inventory, in `inventory::Vm` order.
@@ -147,7 +210,7 @@ const INVENTORY_COLUMNS: &str = "node_id, vm_instance, pod_name, namespace, work
     conn_match, conn_service, conn_allowed, conn_misrouted, conn_blackholed, conn_redirected,
     conn_resolved, conn_unjudged, conn_enforced,
     delivery_sent, delivery_acked, delivery_resent, delivery_dropped, delivery_rejected,
-    dropped_total";
+    dropped_total, peer_identity";
 
 /// Most pod names kept per report row (`aggregates.source_pods`).
 pub const MAX_SOURCE_PODS: usize = 16;
@@ -235,6 +298,8 @@ pub fn open_for_reading(path: &Path) -> Result<Connection, StoreError> {
 #[derive(Debug)]
 pub struct Batch {
     pub sidecar: Arc<Hello>,
+    /// What the client certificate proved (see `VmKey::peer`).
+    pub peer: Arc<str>,
     /// The valid events, in the order sent (sequences ascending).
     pub events: Vec<ValidEvent>,
     /// Events of this batch that validation refused: acknowledged, counted, not stored.
@@ -247,10 +312,12 @@ pub struct Batch {
 }
 
 /// What a commit did: the events seen for the first time (resends are left
-/// out, so alerts fire once).
+/// out, so alerts fire once), and the events refused because the VM's
+/// ledger can no longer tell them from duplicates.
 #[derive(Debug, Default)]
 pub struct Committed {
     pub new_events: Vec<ValidEvent>,
+    pub rejected: Vec<Rejection>,
 }
 
 /// What one retention pass removed.
@@ -304,6 +371,15 @@ impl Default for WriterConfig {
 #[derive(Debug)]
 pub struct PendingCommit {
     done: oneshot::Receiver<Result<Committed, String>>,
+}
+
+impl PendingCommit {
+    /// A commit that needs no store (an empty batch), done already.
+    pub fn ready(committed: Committed) -> Self {
+        let (reply, done) = oneshot::channel();
+        let _ = reply.send(Ok(committed));
+        Self { done }
+    }
 }
 
 impl std::future::Future for PendingCommit {
@@ -437,6 +513,11 @@ impl Writer {
 ///
 /// Doubles while behind; halves once a window shows it is not and batches
 /// wait little.
+///
+/// Sampling is per VM and fair: in every [`FAIR_WINDOW`] each VM keeps the
+/// raw rows of its first [`FAIR_SHARE`] new events, and only then one in
+/// `keep_every` of its own. A flood from a few VMs thins out their rows,
+/// not those of a VM that reports now and then.
 #[derive(Debug)]
 struct Sampler {
     keep_every: u64,
@@ -444,7 +525,16 @@ struct Sampler {
     slow_groups: u32,
     window_started: Instant,
     window_busy: Duration,
+    fair_window_started: Instant,
+    /// New events per VM (sidecar row id) in this fairness window, counted
+    /// while sampling.
+    seen: HashMap<i64, u64, foldhash::fast::RandomState>,
 }
+
+/// Raw rows every VM keeps per [`FAIR_WINDOW`] before sampling applies to it.
+const FAIR_SHARE: u64 = 16;
+/// The window of [`FAIR_SHARE`].
+const FAIR_WINDOW: Duration = Duration::from_secs(10);
 
 /// Consecutive commit groups whose batches waited too long before sampling starts.
 const OVERLOADED_GROUPS: u32 = 3;
@@ -461,6 +551,8 @@ impl Sampler {
             slow_groups: 0,
             window_started: Instant::now(),
             window_busy: Duration::ZERO,
+            fair_window_started: Instant::now(),
+            seen: HashMap::default(),
         }
     }
 
@@ -506,8 +598,18 @@ impl Sampler {
         }
     }
 
-    fn keeps(&self, sequence: u64) -> bool {
-        sequence % self.keep_every == 0
+    /// Whether the raw row of this VM's next new event is kept.
+    fn keeps(&mut self, sidecar_id: i64) -> bool {
+        if self.keep_every == 1 {
+            return true;
+        }
+        if self.fair_window_started.elapsed() >= FAIR_WINDOW {
+            self.fair_window_started = Instant::now();
+            self.seen.clear();
+        }
+        let seen = self.seen.entry(sidecar_id).or_default();
+        *seen += 1;
+        *seen <= FAIR_SHARE || (*seen - FAIR_SHARE) % self.keep_every == 0
     }
 }
 
@@ -602,21 +704,29 @@ impl WriterThread {
             .unwrap_or_default();
         self.sampler.adjust(longest_wait);
         let started = Instant::now();
-        let result = commit_group(&mut self.conn, &self.sampler, commits.iter().map(|c| &c.0));
+        let result = commit_group(
+            &mut self.conn,
+            &mut self.sampler,
+            commits.iter().map(|c| &c.0),
+        );
         let busy = started.elapsed();
         self.sampler.record_busy(busy);
         self.metrics.observe_commit(busy);
         match result {
             Ok(outcome) => {
                 self.metrics.events_sampled_out.inc_by(outcome.sampled_out);
-                for ((batch, _, reply), is_new) in commits.drain(..).zip(outcome.is_new) {
-                    let new_events = batch
-                        .events
-                        .into_iter()
-                        .zip(is_new)
-                        .filter_map(|(event, new)| new.then_some(event))
-                        .collect();
-                    let _ = reply.send(Ok(Committed { new_events }));
+                for ((batch, _, reply), admitted) in commits.drain(..).zip(outcome.admitted) {
+                    let mut committed = Committed::default();
+                    for (event, admission) in batch.events.into_iter().zip(admitted) {
+                        match admission {
+                            Admission::New => committed.new_events.push(event),
+                            Admission::Duplicate => {}
+                            Admission::Forgotten { floor } => {
+                                committed.rejected.push(forgotten(&event, floor));
+                            }
+                        }
+                    }
+                    let _ = reply.send(Ok(committed));
                 }
             }
             Err(err) => {
@@ -720,8 +830,8 @@ fn save_inventory(conn: &mut Connection, vms: &[(VmKey, Vm)]) -> rusqlite::Resul
         let mut upsert = tx.prepare_cached(&format!(
             "INSERT INTO sidecars ({INVENTORY_COLUMNS})
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)
-             ON CONFLICT (node_id, vm_instance) DO UPDATE SET
+                ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)
+             ON CONFLICT (node_id, vm_instance, peer_identity) DO UPDATE SET
                 pod_name = excluded.pod_name, namespace = excluded.namespace,
                 workload_name = excluded.workload_name, instance_ips = excluded.instance_ips,
                 cluster_id = excluded.cluster_id, istio_version = excluded.istio_version,
@@ -756,6 +866,7 @@ fn save_inventory(conn: &mut Connection, vms: &[(VmKey, Vm)]) -> rusqlite::Resul
                 values.push(as_sql_int(*n).into());
             }
             values.push(as_sql_int(vm.dropped_total).into());
+            values.push(key.peer.to_string().into());
             upsert.execute(rusqlite::params_from_iter(values))?;
         }
     }
@@ -781,6 +892,7 @@ pub fn inventory(
         let key = VmKey {
             node_id: text(0)?.into(),
             vm_instance: text(1)?.into(),
+            peer: text(30)?.into(),
         };
         let identity = [
             text(2)?,
@@ -995,15 +1107,29 @@ fn flush_aggregates(
 /// What one group commit did.
 #[derive(Debug, Default)]
 struct GroupOutcome {
-    /// Per batch, per event: new (the rest were resends at or below the VM's high-water mark).
-    is_new: Vec<Vec<bool>>,
+    /// Per batch, per event: what the VM's ledger made of it.
+    admitted: Vec<Vec<Admission>>,
     sampled_out: u64,
+}
+
+/// The refusal of an event the VM's ledger can no longer place.
+fn forgotten(event: &ValidEvent, floor: u64) -> Rejection {
+    Rejection {
+        sequence: event.raw.sequence,
+        code: tonic::Code::InvalidArgument as i32,
+        message: format!(
+            "sequence {} is at or below {floor}, below which this VM's gaps were \
+             forgotten (more than {} of them): it cannot be told from a duplicate",
+            event.raw.sequence,
+            crate::sequence::MAX_GAPS
+        ),
+    }
 }
 
 /// Commits the batches in one transaction.
 fn commit_group<'a>(
     conn: &mut Connection,
-    sampler: &Sampler,
+    sampler: &mut Sampler,
     batches: impl Iterator<Item = &'a Batch>,
 ) -> Result<GroupOutcome, rusqlite::Error> {
     let tx = conn.transaction()?;
@@ -1014,16 +1140,16 @@ fn commit_group<'a>(
         let mut upsert_sidecar = tx.prepare_cached(
             "INSERT INTO sidecars (node_id, vm_instance, pod_name, namespace, workload_name,
                 instance_ips, cluster_id, istio_version, filter_version, first_seen_ns,
-                last_seen_ns, dropped_total)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11)
-             ON CONFLICT (node_id, vm_instance) DO UPDATE SET
+                last_seen_ns, dropped_total, peer_identity)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?12)
+             ON CONFLICT (node_id, vm_instance, peer_identity) DO UPDATE SET
                 last_seen_ns = max(last_seen_ns, excluded.last_seen_ns),
                 dropped_total = max(dropped_total, excluded.dropped_total)
-             RETURNING id, committed_through",
+             RETURNING id, committed_through, sequence_floor, sequence_gaps",
         )?;
         let mut advance_sidecar = tx.prepare_cached(
-            "UPDATE sidecars SET committed_through = max(committed_through, ?2),
-                rejected_total = rejected_total + ?3
+            "UPDATE sidecars SET committed_through = ?2, sequence_floor = ?3,
+                sequence_gaps = ?4, rejected_total = rejected_total + ?5
              WHERE id = ?1",
         )?;
         let mut insert_event = tx.prepare_cached(
@@ -1037,7 +1163,7 @@ fn commit_group<'a>(
         let mut texts = RowTexts::default();
         for batch in batches {
             let s = &batch.sidecar;
-            let (sidecar_id, committed_through): (i64, i64) = upsert_sidecar.query_row(
+            let (sidecar_id, mut ledger): (i64, Ledger) = upsert_sidecar.query_row(
                 params![
                     s.node_id,
                     s.vm_instance,
@@ -1050,22 +1176,29 @@ fn commit_group<'a>(
                     s.filter_version,
                     as_sql_int(batch.received_ns),
                     as_sql_int(batch.dropped_total),
+                    &*batch.peer,
                 ],
-                |row| Ok((row.get(0)?, row.get(1)?)),
+                |row| {
+                    let number = |index| row.get::<_, i64>(index).map(|n| n.max(0) as u64);
+                    let gaps: String = row.get(3)?;
+                    Ok((row.get(0)?, Ledger::stored(number(1)?, number(2)?, &gaps)))
+                },
             )?;
-            // Sequences rise within a VM and a resend starts after the last
-            // acknowledged one, so anything at or below the mark is a resend.
-            let mut high = u64::try_from(committed_through).unwrap_or(0);
-            let mut is_new = Vec::with_capacity(batch.events.len());
+            let mut admitted = Vec::with_capacity(batch.events.len());
+            let mut forgotten = 0u64;
             for event in &batch.events {
                 let raw = &event.raw;
-                if raw.sequence <= high {
-                    is_new.push(false);
-                    continue;
+                let admission = ledger.admit(raw.sequence);
+                admitted.push(admission);
+                match admission {
+                    Admission::New => {}
+                    Admission::Duplicate => continue,
+                    Admission::Forgotten { .. } => {
+                        forgotten += 1;
+                        continue;
+                    }
                 }
-                high = raw.sequence;
-                is_new.push(true);
-                if sampler.keeps(raw.sequence) {
+                if sampler.keeps(sidecar_id) {
                     insert_event.execute(params![
                         sidecar_id,
                         as_sql_int(raw.sequence),
@@ -1131,10 +1264,12 @@ fn commit_group<'a>(
             }
             advance_sidecar.execute(params![
                 sidecar_id,
-                as_sql_int(high),
-                as_sql_int(batch.rejected)
+                as_sql_int(ledger.through()),
+                as_sql_int(ledger.floor()),
+                ledger.gaps_text(),
+                as_sql_int(batch.rejected + forgotten)
             ])?;
-            results.push(is_new);
+            results.push(admitted);
         }
         flush_aggregates(&tx, &mut sums)?;
         if sampled_out > 0 {
@@ -1143,7 +1278,7 @@ fn commit_group<'a>(
     }
     tx.commit()?;
     Ok(GroupOutcome {
-        is_new: results,
+        admitted: results,
         sampled_out,
     })
 }
@@ -1363,7 +1498,19 @@ mod tests {
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .expect("version");
-        assert_eq!(version, 6);
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        // Migration 7: no gaps known, so everything at or below the old
+        // mark still reads as stored.
+        let (floor, gaps): (i64, String) = conn
+            .query_row(
+                "SELECT sequence_floor, sequence_gaps FROM sidecars",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .expect("ledger columns");
+        let mut ledger = Ledger::stored(9, floor as u64, &gaps);
+        assert_eq!(ledger.admit(9), Admission::Duplicate);
+        assert_eq!(ledger.admit(10), Admission::New);
         let vms = inventory(&conn, None, 10).expect("inventory");
         let (key, vm) = &vms[0];
         assert_eq!((&*key.node_id, &*key.vm_instance), ("node", "vm"));
@@ -1482,6 +1629,27 @@ mod tests {
             sampler.adjust(slow);
         }
         assert_eq!(sampler.keep_every, MAX_KEEP_EVERY);
-        assert!(sampler.keeps(MAX_KEEP_EVERY * 3) && !sampler.keeps(MAX_KEEP_EVERY * 3 + 1));
+    }
+
+    #[test]
+    fn under_sampling_every_vm_keeps_its_first_rows_of_each_window() {
+        let mut sampler = Sampler::new(Duration::from_millis(250));
+        sampler.keep_every = MAX_KEEP_EVERY;
+        // A flooding VM: its first FAIR_SHARE rows, then one in MAX_KEEP_EVERY.
+        let flood: u64 = 10_000;
+        let kept = (0..flood).filter(|_| sampler.keeps(1)).count() as u64;
+        assert_eq!(kept, FAIR_SHARE + (flood - FAIR_SHARE) / MAX_KEEP_EVERY);
+        // A quiet VM in the same window keeps every one of its few events,
+        // whatever their sequence numbers.
+        assert!((0..FAIR_SHARE).all(|_| sampler.keeps(2)));
+        assert!(!sampler.keeps(2), "then it is sampled too");
+        // A new window: each VM starts again.
+        sampler.fair_window_started = Instant::now() - FAIR_WINDOW;
+        assert!((0..FAIR_SHARE).all(|_| sampler.keeps(1)));
+        // Not sampling: everything kept, nothing counted.
+        sampler.keep_every = 1;
+        sampler.seen.clear();
+        assert!((0..1000).all(|_| sampler.keeps(3)));
+        assert!(sampler.seen.is_empty());
     }
 }

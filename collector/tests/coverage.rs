@@ -131,12 +131,6 @@ async fn coverage_until(
 }
 
 /// The value of one exposition line (`name{labels}`), if present.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-}
-
 fn stored_counter(db: &std::path::Path, vm: &str, column: &str) -> i64 {
     read_only(db)
         .query_row(

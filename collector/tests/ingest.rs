@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 use dialguard_collector::finding::{self, Cause};
-use dialguard_collector::store::WriterConfig;
 use dialguard_collector::{Limits, ServeConfig, report, store};
 use dialguard_proto::v1::collector_client::CollectorClient;
 use dialguard_proto::v1::{
@@ -118,8 +117,14 @@ async fn resent_events_are_stored_once_per_vm() {
     assert_eq!(stored_events(&db), 3);
     assert_eq!(misrouted_aggregate(&db), 3, "duplicates were counted");
 
-    // Even within one stream.
-    assert_eq!(again.send_acked(misrouted_batch(2..=3)).await, 3);
+    // Within one stream sequences must rise (a resend starts a new stream):
+    // a repeat is refused in the ack, not taken for a duplicate.
+    again.send(misrouted_batch(2..=3)).await;
+    let ack = again.next_full_ack().await.expect("ack");
+    assert_eq!(ack.through_sequence, 3, "an ack never goes backwards");
+    let refused: Vec<u64> = ack.rejected.iter().map(|r| r.sequence).collect();
+    assert_eq!(refused, [2, 3], "{ack:?}");
+    assert!(ack.rejected[0].message.contains("not above 3"), "{ack:?}");
     assert_eq!(stored_events(&db), 3);
     assert_eq!(misrouted_aggregate(&db), 3, "duplicates were counted");
     drop(again);
@@ -338,8 +343,8 @@ async fn the_report_has_the_documented_shape() {
                 "cluster": "outbound|9080||ratings.bookinfo.svc.cluster.local",
                 "verdict": "misrouted",
                 "count": 2,
-                "firstSeen": "2023-11-14T22:13:20.001Z",
-                "lastSeen": "2023-11-14T22:13:20.002Z",
+                "firstSeen": dialguard_collector::time::rfc3339(base_ns() + 1_000_000),
+                "lastSeen": dialguard_collector::time::rfc3339(base_ns() + 2_000_000),
                 "intended": {
                     "pod": "ratings-v1-5c6b-xyz12",
                     "namespace": "bookinfo",
@@ -373,8 +378,8 @@ async fn the_report_has_the_documented_shape() {
                 "cluster": "outbound|9080||ratings.bookinfo.svc.cluster.local",
                 "verdict": "blackholed",
                 "count": 3,
-                "firstSeen": "2023-11-14T22:13:20.003Z",
-                "lastSeen": "2023-11-14T22:13:20.005Z",
+                "firstSeen": dialguard_collector::time::rfc3339(base_ns() + 3_000_000),
+                "lastSeen": dialguard_collector::time::rfc3339(base_ns() + 5_000_000),
                 "intended": null,
                 "capturingService": "ratings.bookinfo.svc.cluster.local",
                 "upstreamWorkload": "ratings-v1;bookinfo;ratings;v1;Kubernetes",
@@ -520,21 +525,33 @@ async fn dropped_totals_are_acked_and_reported() {
             dropped_total: total,
         })),
     };
+    // An empty batch carries only the count: acked at once, and the count
+    // reaches the database with the inventory (once a second).
+    let dropped_events = || {
+        report::query(&store::open_for_reading(&db).expect("open"))
+            .expect("report")
+            .dropped_events
+    };
     assert_eq!(stream.send_acked(dropped(7)).await, 0);
-    let report = report::query(&store::open_for_reading(&db).expect("open")).expect("report");
-    assert_eq!(report.dropped_events, 7);
-    assert!(report.rows.is_empty(), "{report:?}");
+    wait_until("7 dropped events reported", || {
+        (dropped_events() == 7).then_some(())
+    })
+    .await;
 
     // The total is cumulative per VM: sending it again does not add it again.
     assert_eq!(stream.send_acked(dropped(7)).await, 0);
-    let report = report::query(&store::open_for_reading(&db).expect("open")).expect("report");
-    assert_eq!(report.dropped_events, 7);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(dropped_events(), 7);
 
     // Another VM's drops add up.
     let mut other = ReportStream::open(&mut client, NODE, "vm-2").await;
     assert_eq!(other.send_acked(dropped(1)).await, 0);
+    wait_until("8 dropped events reported", || {
+        (dropped_events() == 8).then_some(())
+    })
+    .await;
     let report = report::query(&store::open_for_reading(&db).expect("open")).expect("report");
-    assert_eq!(report.dropped_events, 8);
+    assert!(report.rows.is_empty(), "{report:?}");
 
     drop(stream);
     drop(other);
@@ -730,14 +747,7 @@ async fn a_batch_over_the_limit_ends_its_stream_only() {
 #[tokio::test(flavor = "multi_thread")]
 async fn under_overload_raw_rows_are_sampled_and_aggregates_stay_exact() {
     let (_dir, db) = temp_db();
-    let server = Server::start_with(ServeConfig {
-        // Every batch counts as having waited too long.
-        writer: WriterConfig {
-            overloaded_after: Duration::ZERO,
-        },
-        ..test_config(&db)
-    })
-    .await;
+    let server = Server::start_overloaded(&db).await;
     let mut client = server.client().await;
     let mut stream = ReportStream::open(&mut client, NODE, "vm-1").await;
     const BATCHES: u64 = 12;
@@ -758,7 +768,10 @@ async fn under_overload_raw_rows_are_sampled_and_aggregates_stay_exact() {
     assert_eq!(report.sampled_out_events as i64, total - rows);
     assert_eq!(report.rows[0].count as i64, total);
 
-    // Resends of sampled-out events are still recognised as resends.
+    // Resends (on a new stream) of sampled-out events are still recognised
+    // as resends.
+    drop(stream);
+    let mut stream = ReportStream::open(&mut client, NODE, "vm-1").await;
     assert_eq!(
         stream.send_acked(misrouted_batch(1..=PER_BATCH)).await,
         PER_BATCH
@@ -771,25 +784,29 @@ async fn under_overload_raw_rows_are_sampled_and_aggregates_stay_exact() {
 #[tokio::test(flavor = "multi_thread")]
 async fn retention_removes_what_is_older_than_the_cutoff() {
     let (_dir, db) = temp_db();
+    const RETENTION: Duration = Duration::from_secs(3);
     let server = Server::start_with(ServeConfig {
-        retention: Some(Duration::from_secs(24 * 3600)),
+        retention: Some(RETENTION),
         retention_every: Duration::from_millis(100),
         ..test_config(&db)
     })
     .await;
     let mut client = server.client().await;
     let mut stream = ReportStream::open(&mut client, NODE, "vm-1").await;
-    // 1..=3 carry 2023 timestamps; 4..=5 are from now.
-    assert_eq!(stream.send_acked(misrouted_batch(1..=3)).await, 3);
-    let now_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos() as u64;
-    let recent = |sequence| ConnectionEvent {
-        timestamp_unix_nanos: now_ns,
-        original_destination: Some(addr("10.0.2.8:9080")),
+    // 1..=3 are two seconds old (accepted: retention is three); 4..=5 are
+    // stamped ten minutes ahead (within the clock skew allowed).
+    let now_ns = dialguard_collector::time::now_unix_nanos();
+    let at = |sequence, timestamp_unix_nanos, dialed| ConnectionEvent {
+        timestamp_unix_nanos,
+        original_destination: Some(addr(dialed)),
         ..misrouted(sequence)
     };
+    let old = |sequence| at(sequence, now_ns - 2_000_000_000, DEST);
+    assert_eq!(
+        stream.send_acked(batch(vec![old(1), old(2), old(3)])).await,
+        3
+    );
+    let recent = |sequence| at(sequence, now_ns + 600_000_000_000, "10.0.2.8:9080");
     assert_eq!(
         stream.send_acked(batch(vec![recent(4), recent(5)])).await,
         5
@@ -806,8 +823,16 @@ async fn retention_removes_what_is_older_than_the_cutoff() {
     // The sidecar and its directory entry are current: kept.
     assert_eq!(count(&db, "SELECT count(*) FROM sidecars"), 1);
     assert_eq!(count(&db, "SELECT count(*) FROM directory"), 1);
-    // Resends of expired events are still recognised (the VM's mark survives).
-    assert_eq!(stream.send_acked(misrouted_batch(1..=3)).await, 3);
+    // Resends of expired events are refused as too old: never stored again.
+    drop(stream);
+    let mut stream = ReportStream::open(&mut client, NODE, "vm-1").await;
+    stream.send(batch(vec![old(1), old(2), old(3)])).await;
+    let ack = stream.next_full_ack().await.expect("ack");
+    assert_eq!(ack.rejected.len(), 3, "{ack:?}");
+    assert!(
+        ack.rejected[0].message.contains("timestamp_unix_nanos"),
+        "{ack:?}"
+    );
     assert_eq!(stored_sequences(&db, "vm-1"), vec![4, 5]);
     drop((stream, client));
     server.stop().await;

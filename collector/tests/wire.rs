@@ -197,23 +197,24 @@ impl RawStream {
     }
 }
 
-/// A Blackholed event (no alert line), its cluster name padded so that the
-/// encoded `SidecarMessage` is exactly `size` bytes.
-fn batch_of_size(sequence: u64, size: usize) -> SidecarMessage {
-    let mut event = event(sequence, Verdict::Blackholed, DEST, None);
-    let mut message = batch(vec![event.clone()]);
-    // The length prefixes grow with the padding; two rounds settle them.
-    for _ in 0..3 {
-        let missing = size as isize - message.encoded_len() as isize;
-        if missing == 0 {
+/// A batch of one Blackholed event (no alert line), encoded and padded with
+/// a field unknown to the schema (every field the collector reads has its
+/// own, smaller limit) to exactly `size` bytes.
+fn batch_of_size(sequence: u64, size: usize) -> Vec<u8> {
+    let message = batch(vec![event(sequence, Verdict::Blackholed, DEST, None)]).encode_to_vec();
+    let mut padding = size.saturating_sub(message.len());
+    // The padding's length prefix grows with it: a few rounds settle it.
+    for _ in 0..4 {
+        let padded = message.len() + nested(1000, &vec![b'p'; padding]).len();
+        if padded == size {
             break;
         }
-        let padding = (event.cluster_name.len() as isize + missing).max(0) as usize;
-        event.cluster_name = "c".repeat(padding);
-        message = batch(vec![event.clone()]);
+        padding = (padding + size).saturating_sub(padded);
     }
-    assert_eq!(message.encoded_len(), size, "could not pad the batch");
-    message
+    let mut padded = message;
+    padded.extend(nested(1000, &vec![b'p'; padding]));
+    assert_eq!(padded.len(), size, "could not pad the batch");
+    padded
 }
 
 /// Asserts that `vm` can still stream: a new call on `connection` has its
@@ -267,9 +268,10 @@ async fn a_message_that_is_not_protobuf_ends_only_its_own_call() {
         }
         stream.send_payload(garbage);
         let status = stream.end().await;
+        // The client's fault, not the server's.
         assert_eq!(
             status.code(),
-            Code::Internal,
+            Code::InvalidArgument,
             "hello first: {hello_first}: {status:?}"
         );
         assert!(
@@ -279,6 +281,15 @@ async fn a_message_that_is_not_protobuf_ends_only_its_own_call() {
     }
 
     assert_eq!(stored_sequences(&db, "vm-1"), Vec::<i64>::new());
+    // Counted as refused streams, by their reason.
+    assert_eq!(
+        metric_now(
+            server.http,
+            r#"dialguard_streams_refused_total{reason="undecodable"}"#
+        )
+        .await,
+        2.0
+    );
 
     // The other VM's stream, and new calls on the same connection, are unaffected.
     assert_eq!(other.send_acked(misrouted_batch(3..=4)).await, 4);
@@ -361,7 +372,7 @@ async fn a_message_over_the_size_limit_is_refused() {
     // At the limit: accepted.
     let mut stream = connection.report().await;
     stream.send_hello("vm-1");
-    stream.send_message(&batch_of_size(1, MAX_MESSAGE_BYTES));
+    stream.send_payload(&batch_of_size(1, MAX_MESSAGE_BYTES));
     assert_eq!(stream.ack().await, 1);
     assert_eq!(stored_sequences(&db, "vm-1"), vec![1]);
     stream.finish();
@@ -370,9 +381,9 @@ async fn a_message_over_the_size_limit_is_refused() {
     // One byte over: refused, from the frame header alone.
     let mut stream = connection.report().await;
     stream.send_hello("vm-1");
-    stream.send_message(&batch_of_size(2, MAX_MESSAGE_BYTES + 1));
+    stream.send_payload(&batch_of_size(2, MAX_MESSAGE_BYTES + 1));
     let status = stream.end().await;
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     for needle in [
         format!("found {} bytes", MAX_MESSAGE_BYTES + 1),
         format!("limit is: {MAX_MESSAGE_BYTES} bytes"),
@@ -383,6 +394,14 @@ async fn a_message_over_the_size_limit_is_refused() {
 
     // Nothing of it is stored, and the collector goes on.
     assert_eq!(stored_sequences(&db, "vm-1"), vec![1]);
+    assert_eq!(
+        metric_now(
+            server.http,
+            r#"dialguard_streams_refused_total{reason="message_too_large"}"#
+        )
+        .await,
+        1.0
+    );
     assert_streams_work(&mut connection, &db, "vm-1", 2..=3).await;
     let mut connection = RawConnection::open(server.grpc).await;
     assert_streams_work(&mut connection, &db, "vm-2", 1..=2).await;

@@ -76,3 +76,44 @@ impl v1::Build {
         }
     }
 }
+
+/// What the collector accepts in each field: lengths in bytes of UTF-8,
+/// counts in elements. They follow what Kubernetes and Istio allow, with
+/// room to spare, so a real sidecar never meets them; a `hello` over one is
+/// refused (INVALID_ARGUMENT naming the field), an event over one is
+/// refused in its batch's ack.
+pub mod limits {
+    /// Envoy's node id, `sidecar~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN`.
+    pub const NODE_ID: usize = 1024;
+    /// The filter's own id of a VM (a few dozen characters).
+    pub const VM_INSTANCE: usize = 128;
+    /// A pod name: a DNS subdomain (RFC 1123), as Kubernetes bounds it.
+    pub const POD_NAME: usize = 253;
+    /// A namespace: a DNS label.
+    pub const NAMESPACE: usize = 63;
+    /// Istio's WORKLOAD_NAME: a Kubernetes object name.
+    pub const WORKLOAD_NAME: usize = 253;
+    /// Istio's INSTANCE_IPS: a pod has one address per IP family; a few
+    /// more leave room for multi-network setups.
+    pub const INSTANCE_IPS: usize = 8;
+    /// One address of INSTANCE_IPS (the longest IPv6 text is 45).
+    pub const IP: usize = 45;
+    /// Istio's CLUSTER_ID (a cluster name).
+    pub const CLUSTER_ID: usize = 253;
+    /// ISTIO_VERSION and the filter's version.
+    pub const VERSION: usize = 64;
+    /// An Envoy cluster name; Istio's `outbound|PORT|SUBSET|HOST` stays
+    /// under 340 bytes.
+    pub const CLUSTER_NAME: usize = 512;
+    /// An Envoy filter chain name, e.g. `0.0.0.0_5701`.
+    pub const FILTER_CHAIN_NAME: usize = 512;
+    /// Envoy's upstream transport failure reason (a TLS error text).
+    pub const FAILURE_REASON: usize = 1024;
+    /// A service host name (a DNS name).
+    pub const INTENDED_SERVICE: usize = 253;
+    /// Istio's `istio.workload` metadata, five names joined by `;`.
+    pub const UPSTREAM_WORKLOAD: usize = 1024;
+    /// The highest event sequence number (sequences are stored as signed
+    /// 64-bit integers).
+    pub const MAX_SEQUENCE: u64 = i64::MAX as u64;
+}

@@ -32,8 +32,14 @@ use tonic::{Status, Streaming};
 /// Bound on every single wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// 2023-11-14T22:13:20Z in nanoseconds since the Unix epoch.
-pub const BASE_NS: u64 = 1_700_000_000_000_000_000;
+/// When test events happen: an hour before the test binary started (the
+/// collector refuses events older than retention or ahead of its clock).
+pub fn base_ns() -> u64 {
+    static BASE: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+        dialguard_collector::time::now_unix_nanos() - 3_600_000_000_000
+    });
+    *BASE
+}
 
 pub async fn bounded<F: Future>(what: &str, future: F) -> F::Output {
     tokio::time::timeout(WAIT, future)
@@ -60,6 +66,18 @@ impl Server {
     pub async fn start_with_grace(db: &Path, shutdown_grace: Duration) -> Self {
         Self::start_with(ServeConfig {
             shutdown_grace,
+            ..test_config(db)
+        })
+        .await
+    }
+
+    /// A collector whose every commit group counts as late: the store
+    /// samples raw rows as under overload.
+    pub async fn start_overloaded(db: &Path) -> Self {
+        Self::start_with(ServeConfig {
+            writer: dialguard_collector::store::WriterConfig {
+                overloaded_after: Duration::ZERO,
+            },
             ..test_config(db)
         })
         .await
@@ -313,6 +331,20 @@ pub async fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16,
 }
 
 /// Polls `check` until it yields a value (bounded by WAIT).
+/// The value of one series (name and labels exactly as exposed) in a
+/// Prometheus text exposition.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// The collector's `/metrics` series, 0 when absent.
+pub async fn metric_now(http: SocketAddr, series: &str) -> f64 {
+    let (_, _, body) = http_get(http, "/metrics").await;
+    metric(&body, series).unwrap_or(0.0)
+}
+
 pub async fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     bounded(what, async {
         loop {
@@ -370,7 +402,9 @@ pub fn event(
 ) -> ConnectionEvent {
     ConnectionEvent {
         sequence,
-        timestamp_unix_nanos: BASE_NS + sequence * 1_000_000,
+        // A millisecond per sequence, within the hour after base_ns() even
+        // for the huge sequences of hostile tests.
+        timestamp_unix_nanos: base_ns() + (sequence % 1_000_000) * 1_000_000,
         original_destination: Some(addr(dest)),
         upstream_host: upstream.map(addr),
         source: Some(addr("10.0.1.6:40000")),

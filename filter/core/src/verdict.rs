@@ -72,9 +72,13 @@ impl Judgement {
         let upstream_transport_failure_reason = if response_flags == 0 {
             String::new()
         } else {
-            facts
+            let mut reason = facts
                 .upstream_transport_failure_reason()
-                .unwrap_or_default()
+                .unwrap_or_default();
+            // Free text from Envoy: cut to what the collector accepts rather
+            // than lose the event to a refusal.
+            truncate_at_char(&mut reason, dialguard_proto::limits::FAILURE_REASON);
+            reason
         };
         let now = timestamp_unix_nanos;
         let intended_service =
@@ -198,4 +202,35 @@ pub fn judge(
         Verdict::Redirected
     };
     Outcome::Judged(judgement)
+}
+
+/// Shortens `text` to at most `max` bytes, at a character boundary.
+fn truncate_at_char(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+}
+
+#[cfg(test)]
+mod truncation {
+    use super::truncate_at_char;
+
+    #[test]
+    fn long_text_is_cut_at_a_character_boundary() {
+        let mut ascii = "x".repeat(10);
+        truncate_at_char(&mut ascii, 4);
+        assert_eq!(ascii, "xxxx");
+        // "é" is two bytes: a cut inside it keeps the character out.
+        let mut accented = "aé".repeat(3);
+        truncate_at_char(&mut accented, 4);
+        assert_eq!(accented, "aéa");
+        let mut short = String::from("ok");
+        truncate_at_char(&mut short, 4);
+        assert_eq!(short, "ok");
+    }
 }
