@@ -21,6 +21,14 @@
 //!    `dialguard report --format json` runs (process start included) and
 //!    `GET /api/v1/report`, both while the collector serves the database.
 //!
+//! 5. report memory: a database of N distinct report rows (1,000,000 in
+//!    the full run), filled through the real ingest with every event
+//!    dialing an address of its own; the collector restarted on it; then
+//!    its peak RSS (`VmHWM`, reset before each) across one default
+//!    `GET /api/v1/report` (a page of 1,000 rows), two at once and one of
+//!    `?limit=10000`, and their times, the next page's, a filtered page's
+//!    and `dialguard report --format json`'s.
+//!
 //! 4. heartbeats: N VMs (40,000 in the full run: 20,000 sidecars with 2
 //!    workers), each on its own connection, heartbeating as the filter
 //!    does ([`crate::heartbeat`]) at the default interval and at one ten
@@ -49,7 +57,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::watch;
 
 use crate::load::{self, Driven, Pace};
-use crate::proc_stat::{process_cpu, status_kib};
+use crate::proc_stat::{process_cpu, reset_peak_rss, status_kib};
 use crate::run::thousands;
 use crate::workload::{VMS_PER_SIDECAR, Vm};
 
@@ -76,6 +84,8 @@ pub struct Options {
     pub report_sizes: Vec<u64>,
     /// Report runs per size (the median is reported).
     pub report_runs: usize,
+    /// Distinct report rows at which the report's memory is measured.
+    pub report_keys: Vec<u64>,
     /// Bound on each ingest case.
     pub timeout: Duration,
     /// Keep the databases here instead of a temporary directory.
@@ -119,6 +129,7 @@ impl Options {
             idle: vec![2_000, 10_000],
             report_sizes: vec![1_000_000, 10_000_000],
             report_runs: 5,
+            report_keys: vec![1_000_000],
             timeout: Duration::from_secs(300),
             keep: None,
             progress: true,
@@ -147,6 +158,7 @@ impl Options {
             idle: vec![20],
             report_sizes: vec![10_000],
             report_runs: 3,
+            report_keys: vec![20_000],
             timeout: Duration::from_secs(60),
             keep: None,
             progress: true,
@@ -277,9 +289,41 @@ pub struct Results {
     pub ingest: Vec<IngestResult>,
     pub idle: Vec<IdleResult>,
     pub reports: Vec<ReportResult>,
+    pub report_memory: Vec<ReportMemoryResult>,
     pub heartbeats: Vec<HeartbeatResult>,
 }
 
+/// The report's memory over a database of distinct rows.
+#[derive(Debug, Clone)]
+pub struct ReportMemoryResult {
+    /// Distinct report rows stored (acknowledged events, one row each).
+    pub keys: u64,
+    /// The default page: its `totalRows`, its rows, `truncated`, JSON size.
+    pub total_rows: u64,
+    pub page_rows: u64,
+    pub truncated: bool,
+    pub json_bytes: u64,
+    pub db_bytes: u64,
+    pub fill_time: Duration,
+    /// The collector restarted on the database: `VmRSS` once started.
+    pub baseline_kib: u64,
+    /// `VmHWM` across one default `GET /api/v1/report`, two at once, and
+    /// one `?limit=10000`.
+    pub one_peak_kib: u64,
+    pub two_peak_kib: u64,
+    pub max_limit_peak_kib: u64,
+    /// Whether `VmHWM` was reset before each (else each is the peak so far).
+    pub peaks_reset: bool,
+    pub one: Duration,
+    /// The slower of the two at once.
+    pub two: Duration,
+    pub max_limit: Duration,
+    /// The second page (`?cursor=`), and a page of one source namespace.
+    pub next_page: Duration,
+    pub filtered: Duration,
+    /// `dialguard report --format json` on the database (process start included).
+    pub cli: Duration,
+}
 /// One interval of the heartbeat measurement.
 #[derive(Debug, Clone)]
 pub struct HeartbeatResult {
@@ -346,6 +390,7 @@ pub fn run(parts: &Parts, options: &Options) -> anyhow::Result<Results> {
         ingest: Vec::new(),
         idle: Vec::new(),
         reports: Vec::new(),
+        report_memory: Vec::new(),
         heartbeats: Vec::new(),
     };
     for case in &options.ingest {
@@ -361,6 +406,12 @@ pub fn run(parts: &Parts, options: &Options) -> anyhow::Result<Results> {
         results.idle.push(result);
     }
     results.reports = bench.reports().context("report time")?;
+    for &keys in &options.report_keys {
+        let result = bench
+            .report_memory(keys)
+            .with_context(|| format!("report memory over {keys} rows"))?;
+        results.report_memory.push(result);
+    }
     if let Some(case) = &options.heartbeats {
         results.heartbeats = bench.heartbeats(case).context("heartbeats")?;
     }
@@ -450,7 +501,7 @@ impl Bench<'_> {
         let generator_cpu = process_cpu(std::process::id())?.saturating_sub(generator_before);
         let driven = driven.map_err(|err| anyhow::anyhow!("{err:#}; {}", collector.log_tail()))?;
         let collector_peak_kib = status_kib(pid, "VmHWM")?;
-        let report = ReportSummary::parse(&collector.report_json()?)?;
+        let report = collector.report_all()?;
         let alerts = collector.stop()?;
         let result = IngestResult {
             case,
@@ -693,10 +744,10 @@ impl Bench<'_> {
         let mut json = Vec::new();
         for _ in 0..self.options.report_runs {
             let started = Instant::now();
-            json = collector.report_json()?;
+            json = collector.report_json(&[])?;
             cli.push(started.elapsed());
         }
-        let report = ReportSummary::parse(&json)?;
+        let report = collector.report_all()?;
         let url = format!("http://{}/api/v1/report", collector.http);
         let mut http = Vec::new();
         for _ in 0..self.options.report_runs {
@@ -728,15 +779,139 @@ impl Bench<'_> {
 
 /// Streams at once while filling the report database.
 const FILL_WAVE: usize = 25;
+/// Streams that fill the report memory database (one workload each pair).
+const DISTINCT_FILL_STREAMS: u64 = 20;
+
+impl Bench<'_> {
+    /// Fills a fresh database with `keys` distinct report rows through
+    /// ingest, restarts the collector on it and measures its peak RSS and
+    /// times across report requests.
+    fn report_memory(&self, keys: u64) -> anyhow::Result<ReportMemoryResult> {
+        self.progress(&format!(
+            "report memory: filling {} distinct rows through ingest",
+            thousands(keys)
+        ));
+        let db = self.fresh_db(&format!("report-rows-{keys}.db"))?;
+        let mut collector = CollectorProcess::start(&self.parts.collector, &db)?;
+        let streams = DISTINCT_FILL_STREAMS
+            .min(keys.div_ceil(FILTER_BATCH_EVENTS))
+            .max(1);
+        let per_stream = keys / streams;
+        let vms = (0..streams as usize)
+            .map(|i| {
+                Vm::new(i, (streams as usize).div_ceil(VMS_PER_SIDECAR), 300)
+                    .with_distinct_destinations(i as u64 * per_stream)
+            })
+            .collect();
+        let started = Instant::now();
+        let opened = self.runtime.block_on(load::open(collector.grpc, vms))?;
+        collector.wait_connected(streams as usize, Duration::from_secs(60))?;
+        let pace = Pace {
+            events_per_stream: per_stream,
+            batch_events: FILTER_BATCH_EVENTS,
+            max_in_flight: FILTER_BUFFERED_EVENTS,
+            timeout: self.options.timeout,
+        };
+        let (start, go) = watch::channel(true);
+        let driven = self.runtime.block_on(load::drive(opened, pace, go));
+        drop(start);
+        let keys = driven
+            .map_err(|err| anyhow::anyhow!("{err:#}; {}", collector.log_tail()))?
+            .acked;
+        let fill_time = started.elapsed();
+        collector.stop()?;
+
+        // A fresh process on the database: its memory is the reports'.
+        let collector = CollectorProcess::start(&self.parts.collector, &db)?;
+        let pid = collector.pid();
+        std::thread::sleep(Duration::from_millis(500));
+        let baseline_kib = status_kib(pid, "VmRSS")?;
+        let peaks_reset = reset_peak_rss(pid).is_ok();
+        let url = format!("http://{}/api/v1/report", collector.http);
+        let (body, one) = timed_get(&url)?;
+        let one_peak_kib = status_kib(pid, "VmHWM")?;
+        let page = ReportSummary::parse(&body)?;
+        ensure!(
+            page.total_rows == keys,
+            "the report counts {} rows, {keys} were stored",
+            page.total_rows
+        );
+        let _ = reset_peak_rss(pid);
+        let (first, second) = std::thread::scope(|scope| {
+            let first = scope.spawn(|| timed_get(&url));
+            let second = scope.spawn(|| timed_get(&url));
+            (first.join(), second.join())
+        });
+        let joined = |r: std::thread::Result<anyhow::Result<(Vec<u8>, Duration)>>| {
+            r.map_err(|_| anyhow::anyhow!("a report request thread panicked"))?
+        };
+        let two = joined(first)?.1.max(joined(second)?.1);
+        let two_peak_kib = status_kib(pid, "VmHWM")?;
+        let _ = reset_peak_rss(pid);
+        let (_, max_limit) = timed_get(&format!("{url}?limit={REPORT_MAX_LIMIT}"))?;
+        let max_limit_peak_kib = status_kib(pid, "VmHWM")?;
+        let cursor = page
+            .next_cursor
+            .clone()
+            .context("the first page has no nextCursor")?;
+        let (_, next_page) = timed_get(&format!("{url}?cursor={cursor}"))?;
+        let namespace = page.first_namespace.clone().unwrap_or_default();
+        let (_, filtered) = timed_get(&format!("{url}?namespace={namespace}"))?;
+        let started = Instant::now();
+        collector.report_json(&[])?;
+        let cli = started.elapsed();
+        let result = ReportMemoryResult {
+            keys,
+            total_rows: page.total_rows,
+            page_rows: page.rows,
+            truncated: page.truncated,
+            json_bytes: body.len() as u64,
+            db_bytes: std::fs::metadata(&db)?.len(),
+            fill_time,
+            baseline_kib,
+            one_peak_kib,
+            two_peak_kib,
+            max_limit_peak_kib,
+            peaks_reset,
+            one,
+            two,
+            max_limit,
+            next_page,
+            filtered,
+            cli,
+        };
+        collector.stop()?;
+        self.progress(&format!(
+            "  {} rows: RSS {} MiB, peak {} MiB (one report), {} MiB (two at once), {} MiB (limit {}); {:.0} ms",
+            thousands(result.total_rows),
+            mib(result.baseline_kib),
+            mib(result.one_peak_kib),
+            mib(result.two_peak_kib),
+            mib(result.max_limit_peak_kib),
+            thousands(REPORT_MAX_LIMIT),
+            result.one.as_secs_f64() * 1e3
+        ));
+        Ok(result)
+    }
+}
+
+/// The largest page the report serves (`--limit`, `?limit=`).
+const REPORT_MAX_LIMIT: u64 = 10_000;
 
 /// What the checks read from `dialguard report --format json`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 struct ReportSummary {
     rows: u64,
     /// The rows' counts added up.
     counted: u64,
     /// `sampledOutEvents` (0 for a collector that does not sample).
     sampled_out: u64,
+    /// `totalRows`, `truncated` and `nextCursor` (absent before paging).
+    total_rows: u64,
+    truncated: bool,
+    next_cursor: Option<String>,
+    /// The first row's `sourceNamespace`.
+    first_namespace: Option<String>,
 }
 
 impl ReportSummary {
@@ -749,8 +924,28 @@ impl ReportSummary {
             rows: rows.len() as u64,
             counted: rows.iter().filter_map(|r| r["count"].as_u64()).sum(),
             sampled_out: report["sampledOutEvents"].as_u64().unwrap_or(0),
+            total_rows: report["totalRows"].as_u64().unwrap_or(0),
+            truncated: report["truncated"].as_bool().unwrap_or(false),
+            next_cursor: report["nextCursor"].as_str().map(str::to_owned),
+            first_namespace: rows
+                .first()
+                .and_then(|row| row["sourceNamespace"].as_str())
+                .map(str::to_owned),
         })
     }
+}
+
+/// `GET url`, its body and how long it took.
+fn timed_get(url: &str) -> anyhow::Result<(Vec<u8>, Duration)> {
+    let started = Instant::now();
+    let body = ureq::get(url)
+        .call()
+        .with_context(|| format!("GET {url}"))?
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_vec()?;
+    Ok((body, started.elapsed()))
 }
 
 /// Rows of the collector's `events` table (one per raw event kept).
@@ -842,11 +1037,12 @@ impl CollectorProcess {
         self.process.id()
     }
 
-    /// `dialguard report --format json` on its database, while it serves.
-    fn report_json(&self) -> anyhow::Result<Vec<u8>> {
+    /// `dialguard report --format json ARGS` on its database, while it serves.
+    fn report_json(&self, args: &[&str]) -> anyhow::Result<Vec<u8>> {
         let output = Command::new(&self.binary)
             .args(["report", "--format", "json", "--db"])
             .arg(&self.db)
+            .args(args)
             .output()?;
         ensure!(
             output.status.success(),
@@ -854,6 +1050,29 @@ impl CollectorProcess {
             String::from_utf8_lossy(&output.stderr)
         );
         Ok(output.stdout)
+    }
+
+    /// Every page of `dialguard report --format json` (the largest pages,
+    /// following `nextCursor`; one page from a collector without paging),
+    /// summed.
+    fn report_all(&self) -> anyhow::Result<ReportSummary> {
+        let limit = REPORT_MAX_LIMIT.to_string();
+        let mut cursor: Option<String> = None;
+        let mut total = ReportSummary::default();
+        loop {
+            let mut args = vec!["--limit", limit.as_str()];
+            if let Some(cursor) = &cursor {
+                args.extend(["--cursor", cursor.as_str()]);
+            }
+            let page = ReportSummary::parse(&self.report_json(&args)?)?;
+            total.rows += page.rows;
+            total.counted += page.counted;
+            total.sampled_out = page.sampled_out;
+            match page.next_cursor {
+                Some(next) if cursor.as_ref() != Some(&next) => cursor = Some(next),
+                _ => return Ok(total),
+            }
+        }
     }
 
     /// A counter or gauge's value on `/metrics` (summed over its series).
@@ -1096,6 +1315,55 @@ impl Results {
                     thousands(
                         (r.filled as f64 / r.fill_time.as_secs_f64().max(1e-9)).round() as u64
                     ),
+                ));
+            }
+        }
+        if !self.report_memory.is_empty() {
+            line(String::new());
+            line(format!(
+                "report memory: every event dials its own address (one row each), filled through ingest; the collector restarted on the database; its VmHWM across{} each request:",
+                match self.report_memory.iter().all(|r| r.peaks_reset) {
+                    true => " (reset before)",
+                    false => " (NOT reset: each is the peak so far)",
+                }
+            ));
+            line(format!(
+                "{:>10} {:>6} {:>9} {:>9} {:>9} {:>10} {:>11} {:>12} {:>9} {:>10} {:>10} {:>10} {:>9} {:>7} {:>12}",
+                "rows",
+                "page",
+                "JSON KB",
+                "DB (MB)",
+                "RSS MiB",
+                "one (MiB)",
+                "two (MiB)",
+                "10000 (MiB)",
+                "one ms",
+                "two ms",
+                "10000 ms",
+                "next ms",
+                "ns ms",
+                "CLI ms",
+                "fill (ev/s)"
+            ));
+            let ms = |d: Duration| format!("{:.0}", d.as_secs_f64() * 1e3);
+            for r in &self.report_memory {
+                line(format!(
+                    "{:>10} {:>6} {:>9} {:>9} {:>9} {:>10} {:>11} {:>12} {:>9} {:>10} {:>10} {:>10} {:>9} {:>7} {:>12}",
+                    thousands(r.total_rows),
+                    format!("{}{}", r.page_rows, if r.truncated { "+" } else { "" }),
+                    thousands(r.json_bytes / 1000),
+                    thousands(r.db_bytes / 1_000_000),
+                    mib(r.baseline_kib),
+                    mib(r.one_peak_kib),
+                    mib(r.two_peak_kib),
+                    mib(r.max_limit_peak_kib),
+                    ms(r.one),
+                    ms(r.two),
+                    ms(r.max_limit),
+                    ms(r.next_page),
+                    ms(r.filtered),
+                    ms(r.cli),
+                    thousands((r.keys as f64 / r.fill_time.as_secs_f64().max(1e-9)).round() as u64),
                 ));
             }
         }

@@ -73,6 +73,14 @@ pub fn status_kib(pid: u32, name: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("no {name} in {path}"))
 }
 
+/// Resets `VmHWM` of process `pid` to its current `VmRSS` (`5` to
+/// `/proc/PID/clear_refs`, Linux 4.0+), so that the next peak read is the
+/// peak since now.
+pub fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
+    let path = format!("/proc/{pid}/clear_refs");
+    std::fs::write(&path, "5").with_context(|| format!("writing 5 to {path}"))
+}
+
 /// The calling thread's id, from the `/proc/thread-self` link (`PID/task/TID`).
 pub fn current_thread_id() -> Option<u32> {
     let link = std::fs::read_link("/proc/thread-self").ok()?;

@@ -72,6 +72,13 @@ fn pod_ip_of(index: u32) -> String {
     format!("10.244.{}.{}", (index / 250) % 256, index % 250 + 2)
 }
 
+/// Address number `n`: 10.0.0.0/8, then the next port (distinct for
+/// any `n` below 2^24 x 64,000; never a simulated pod IP below 2^24 x 244 / 256).
+pub fn distinct_destination(n: u64) -> Option<SocketAddress> {
+    let ip = format!("10.{}.{}.{}", (n >> 16) & 255, (n >> 8) & 255, n & 255);
+    address(ip, 1_024 + (n >> 24) as u32)
+}
+
 /// One simulated Envoy wasm VM: its `Hello` and the events it reports, with
 /// its own sequence numbers from 1.
 #[derive(Debug)]
@@ -84,6 +91,9 @@ pub struct Vm {
     /// When the VM started: event times are this plus 1 ms per sequence
     /// number (recent, so the collector's retention keeps them).
     started_ns: u64,
+    /// Each event dials an address of its own, numbered from this: one
+    /// report row per event (the report memory measurement).
+    distinct_from: Option<u64>,
 }
 
 impl Vm {
@@ -168,7 +178,16 @@ impl Vm {
             started_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
+            distinct_from: None,
         }
+    }
+
+    /// The same VM, but its event with sequence number `s` dials address
+    /// number `first + s` (see [`distinct_destination`]), so that every
+    /// event is a report row of its own.
+    pub fn with_distinct_destinations(mut self, first: u64) -> Self {
+        self.distinct_from = Some(first);
+        self
     }
 
     pub fn hello_message(&self) -> sidecar_message::Kind {
@@ -187,6 +206,9 @@ impl Vm {
                 event.timestamp_unix_nanos = self.started_ns + sequence * 1_000_000;
                 event.connection_id = 1_000 + sequence;
                 event.source = address(self.pod_ip.clone(), 32_768 + (sequence % 28_000) as u32);
+                if let Some(first) = self.distinct_from {
+                    event.original_destination = distinct_destination(first + sequence);
+                }
                 event
             })
             .collect()
@@ -227,6 +249,20 @@ mod tests {
             assert!(dialed.ip.parse::<std::net::IpAddr>().is_ok(), "{dialed:?}");
             assert!(event.timestamp_unix_nanos > 0 && !event.cluster_name.is_empty());
         }
+    }
+
+    #[test]
+    fn distinct_destinations_give_every_event_its_own_address() {
+        let mut a = Vm::new(0, 10, 7).with_distinct_destinations(0);
+        let mut b = Vm::new(1, 10, 7).with_distinct_destinations(1_000);
+        let dialed: std::collections::BTreeSet<String> = a
+            .events(1_000)
+            .into_iter()
+            .chain(b.events(1_000))
+            .map(|e| format!("{:?}", e.original_destination))
+            .collect();
+        assert_eq!(dialed.len(), 2_000);
+        assert_ne!(distinct_destination(1 << 24), distinct_destination(0));
     }
 
     #[test]

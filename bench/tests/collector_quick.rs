@@ -1,6 +1,6 @@
 //! The collector benchmark's quick mode, run by `cargo xtask test`: two
-//! streams of a few thousand events, a few idle streams, a small database
-//! and 200 heartbeating VMs. It checks that the measurement works (every acknowledged event
+//! streams of a few thousand events, a few idle streams, a small database,
+//! 20,000 distinct report rows and 200 heartbeating VMs. It checks that the measurement works (every acknowledged event
 //! stored once and counted by the report, memory and report times read),
 //! never the scale targets, which need the full run on a quiet machine.
 
@@ -41,6 +41,22 @@ fn quick_collector_benchmark_measures_ingest_memory_and_report() -> anyhow::Resu
     assert_eq!(report.cli.len(), options.report_runs);
     assert_eq!(report.http.len(), options.report_runs);
     assert!(report.rows > 0 && report.json_bytes > 0);
+
+    // Report memory: every distinct row stored and counted, a page of the
+    // default size served, more rows said to follow, peaks read.
+    assert_eq!(results.report_memory.len(), 1);
+    let memory = &results.report_memory[0];
+    assert_eq!(memory.keys, options.report_keys[0], "{memory:?}");
+    assert_eq!(memory.total_rows, memory.keys, "{memory:?}");
+    assert_eq!(
+        (memory.page_rows, memory.truncated),
+        (1_000, true),
+        "{memory:?}"
+    );
+    assert!(
+        memory.one_peak_kib > 0 && memory.two_peak_kib > 0 && memory.max_limit_peak_kib > 0,
+        "{memory:?}"
+    );
 
     // Heartbeats: every VM beat at least once, each beat's stream ended
     // with OK, and the collector counted exactly those.

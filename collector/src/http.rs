@@ -1,22 +1,30 @@
 //! The HTTP side: health, Prometheus metrics (`GET /metrics`), the report as
-//! JSON (`GET /api/v1/report`) and, with
+//! JSON (`GET /api/v1/report`, a page at a time) and, with
 //! `serve --module` and `--enforce-module`, the filter's two builds, so one
 //! deployment gives Envoy both the module and the event sink.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
 use dialguard_envoyfilter::module::{self, Build};
+use serde::Serialize;
+use tokio::sync::Semaphore;
 
-use crate::inventory::{Coverage, Inventory};
+use crate::inventory::Inventory;
 use crate::metrics::{self, Metrics};
-use crate::report::{self, Report};
-use crate::store;
+use crate::report::{self, FilterError};
+use crate::store::{self, StoreError};
+
+/// `serve --max-report-requests`: report reads served at once. Each holds
+/// a page of rows (up to `report::MAX_LIMIT`) and its JSON in memory.
+pub const DEFAULT_MAX_REPORT_REQUESTS: usize = 4;
+/// What a refused report request is told to wait, in seconds (`Retry-After`).
+pub const REPORT_RETRY_AFTER_SECS: u64 = 1;
 
 /// Where the audit build (`serve --module`) is served.
 pub const MODULE_PATH: &str = "/module/dialguard_filter.wasm";
@@ -125,6 +133,9 @@ struct AppState {
     enforce_module: Option<Module>,
     metrics: Metrics,
     inventory: Inventory,
+    /// Permits for report reads; none left means 503.
+    report_reads: Arc<Semaphore>,
+    max_report_requests: usize,
 }
 
 impl AppState {
@@ -149,6 +160,7 @@ pub fn router(
     modules: Modules,
     metrics: Metrics,
     inventory: Inventory,
+    max_report_requests: usize,
 ) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -179,6 +191,8 @@ pub fn router(
         enforce_module: modules.enforce,
         metrics,
         inventory,
+        report_reads: Arc::new(Semaphore::new(max_report_requests)),
+        max_report_requests,
     })
 }
 
@@ -221,58 +235,85 @@ fn module_sha256(state: &AppState, build: Build) -> impl IntoResponse + use<> {
     }
 }
 
-/// An API error: the status and `{"error": "<message>"}`.
-type ApiError = (StatusCode, Json<serde_json::Value>);
-
-fn api_error(status: StatusCode, message: String) -> ApiError {
-    (status, Json(serde_json::json!({ "error": message })))
+/// Why the report API refused or failed a request; answered as the status
+/// and `{"error": "<message>"}`.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error(transparent)]
+    Parameter(#[from] FilterError),
+    #[error(
+        "the collector serves at most {0} report requests at once; retry after {REPORT_RETRY_AFTER_SECS} s"
+    )]
+    Busy(usize),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("encoding the answer: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("the report task ended: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
-/// Parses the report filters of `query` (400 naming the parameter, e.g.
-/// `{"error": "since \"x\": expected ..."}`) and runs `read` with them on
-/// a reading connection to the database, off the async threads.
-async fn read_filtered<T: Send + 'static>(
-    state: AppState,
-    query: Option<String>,
-    read: fn(&rusqlite::Connection, &report::ReportFilter) -> Result<T, store::StoreError>,
-) -> Result<Json<T>, ApiError> {
-    let filter = report::FilterArgs::from_query(query.as_deref().unwrap_or(""))
-        .and_then(|args| args.resolve(std::time::SystemTime::now()))
-        .map_err(|err| api_error(StatusCode::BAD_REQUEST, err.to_string()))?;
-    let db_path = state.db_path;
-    let result = tokio::task::spawn_blocking(move || {
-        let conn = store::open_for_reading(&db_path)?;
-        read(&conn, &filter)
-    })
-    .await;
-    match result {
-        Ok(Ok(value)) => Ok(Json(value)),
-        Ok(Err(err)) => Err(api_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            err.to_string(),
-        )),
-        Err(err) => Err(api_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            err.to_string(),
-        )),
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            Self::Parameter(_) => StatusCode::BAD_REQUEST,
+            Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Store(_) | Self::Encode(_) | Self::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let body = serde_json::json!({ "error": self.to_string() });
+        let mut response = (status, axum::Json(body)).into_response();
+        if let Self::Busy(_) = self {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(REPORT_RETRY_AFTER_SECS),
+            );
+        }
+        response
     }
 }
 
-/// `GET /api/v1/report[?since=&until=&namespace=&verdict=&port=]`: the
-/// report, filtered as `dialguard report` filters it.
+/// Parses the report filters and page of `query` (400 naming the
+/// parameter, e.g. `{"error": "since \"x\": expected ..."}`), takes a
+/// report permit (503 when none is left) and runs `read` with them on a
+/// reading connection to the database, off the async threads, encoding
+/// the JSON there too: the permit is held until the answer's bytes exist,
+/// so at most `--max-report-requests` pages are in memory at once.
+async fn read_filtered<T: Serialize + Send + 'static>(
+    state: AppState,
+    query: Option<String>,
+    read: fn(&rusqlite::Connection, &report::ReportFilter) -> Result<T, StoreError>,
+) -> Result<Response, ApiError> {
+    let filter = report::FilterArgs::from_query(query.as_deref().unwrap_or(""))
+        .and_then(|args| args.resolve(std::time::SystemTime::now()))?;
+    let permit = Arc::clone(&state.report_reads)
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Busy(state.max_report_requests))?;
+    let db_path = state.db_path;
+    let body = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let conn = store::open_for_reading(&db_path)?;
+        let value = read(&conn, &filter)?;
+        Ok::<_, ApiError>(serde_json::to_vec(&value)?)
+    })
+    .await??;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// `GET /api/v1/report[?since=&until=&namespace=&verdict=&port=&limit=&cursor=]`:
+/// a page of the report, filtered as `dialguard report` filters it.
 async fn report_json(
     State(state): State<AppState>,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
-) -> Result<Json<Report>, ApiError> {
+) -> Result<Response, ApiError> {
     read_filtered(state, query, report::query_filtered).await
 }
 
 /// `GET /api/v1/coverage[?since=&until=&namespace=]`: the report's
-/// `coverage` alone, from the database as `report` reads it (`verdict` and
-/// `port` are accepted and do not narrow it).
+/// `coverage` alone, from the database as `report` reads it (`verdict`,
+/// `port`, `limit` and `cursor` are accepted and do not narrow it).
 async fn coverage_json(
     State(state): State<AppState>,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
-) -> Result<Json<Coverage>, ApiError> {
+) -> Result<Response, ApiError> {
     read_filtered(state, query, report::coverage).await
 }

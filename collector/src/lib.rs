@@ -71,6 +71,8 @@ pub struct ServeConfig {
     pub expected_namespaces: BTreeSet<String>,
     /// A pod stale for longer than this leaves the coverage.
     pub forget_stale: Duration,
+    /// Most report reads of the HTTP API at once; more get 503.
+    pub max_report_requests: usize,
 }
 
 impl ServeConfig {
@@ -90,6 +92,7 @@ impl ServeConfig {
             http_token: None,
             expected_namespaces: BTreeSet::new(),
             forget_stale: inventory::DEFAULT_FORGET_STALE,
+            max_report_requests: http::DEFAULT_MAX_REPORT_REQUESTS,
         }
     }
 }
@@ -116,7 +119,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let mut conn = store::open_for_writing(&config.db_path)?;
-    let directory = Directory::load(store::directory(&conn)?);
+    let directory = Directory::load(store::directory_pods(&conn, directory::MAX_ENTRIES)?);
     store::record_coverage_config(&mut conn, &config.expected_namespaces, config.forget_stale)?;
     let inventory = Inventory::load(
         store::inventory(&conn, None, config.limits.max_vms)?,
@@ -199,6 +202,7 @@ pub async fn run(
         config.modules.clone(),
         metrics,
         inventory,
+        config.max_report_requests,
     );
     if let Some(token) = config.http_token.clone() {
         app = auth::require_token(app, token);

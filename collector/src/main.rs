@@ -8,10 +8,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::builder::TypedValueParser as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use dialguard_collector::alertmanager::AlertmanagerConfig;
 use dialguard_collector::auth::HttpToken;
-use dialguard_collector::http::{Module, Modules};
+use dialguard_collector::http::{self, Module, Modules};
 use dialguard_collector::tls::{TlsConfig, TlsFiles, read_certificates};
 use dialguard_collector::{Limits, ServeConfig, report, store};
 use dialguard_envoyfilter::module::Build;
@@ -145,6 +146,12 @@ struct ServeFlags {
     /// ones beyond it get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = Limits::default().max_vms)]
     max_vms: usize,
+    /// Most GET /api/v1/report and /api/v1/coverage requests served at
+    /// once (each holds up to 10000 rows in memory); more get 503 with
+    /// Retry-After.
+    #[arg(long, default_value_t = http::DEFAULT_MAX_REPORT_REQUESTS,
+          value_parser = clap::value_parser!(u16).range(1..=1024).map(usize::from))]
+    max_report_requests: usize,
 }
 
 fn parse_namespace(text: &str) -> Result<String, String> {
@@ -212,6 +219,15 @@ struct ReportFlags {
     /// Only connections dialed to this destination port.
     #[arg(long, value_name = "N")]
     port: Option<String>,
+    /// Rows per page, worst first (misrouted, then blackholed, then the
+    /// rest; then by count): 1 to 10000 (default 1000). Every format says
+    /// when rows were left out (CSV on stderr).
+    #[arg(long, value_name = "N")]
+    limit: Option<String>,
+    /// The page after an earlier one: its `nextCursor` (JSON), or the
+    /// cursor its table, CSV or HTML note names.
+    #[arg(long, value_name = "CURSOR")]
+    cursor: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -246,6 +262,8 @@ fn report_command(flags: ReportFlags) -> anyhow::Result<()> {
         namespace: flags.namespace,
         verdict: flags.verdict,
         port: flags.port,
+        limit: flags.limit,
+        cursor: flags.cursor,
     }
     .resolve(std::time::SystemTime::now())
     .map_err(|err| anyhow::anyhow!(err.flag_message()))?;
@@ -267,7 +285,14 @@ fn report_command(flags: ReportFlags) -> anyhow::Result<()> {
         ReportFormat::Csv if flags.section == Some(Section::Coverage) => {
             report::render_coverage_csv(&report).context("writing CSV")?
         }
-        ReportFormat::Csv => report::render_csv(&report).context("writing CSV")?,
+        ReportFormat::Csv => {
+            // The CSV stays data only (one header, one line per row), so
+            // that tools read it unchanged: the note goes to stderr.
+            if let Some(note) = report::truncation_note(&report) {
+                eprintln!("dialguard: {note}");
+            }
+            report::render_csv(&report).context("writing CSV")?
+        }
         ReportFormat::Html => report::html::render_html(
             &report,
             &dialguard_collector::time::rfc3339(dialguard_collector::time::now_unix_nanos()),
@@ -559,6 +584,7 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
         },
         expected_namespaces: expected_namespaces(&flags)?,
         forget_stale: flags.forget_stale,
+        max_report_requests: flags.max_report_requests,
         retention: flags.retention.0,
         alert_interval: flags.alert_interval,
         alertmanager: flags

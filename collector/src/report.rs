@@ -1,6 +1,13 @@
 //! The audit report: one row per (source workload, source namespace, original
-//! destination, upstream host, cluster, verdict), from the exact aggregates.
-//! The JSON shape is documented in docs/report.md and kept stable.
+//! destination, upstream host, cluster, verdict), from the exact aggregates,
+//! worst first, a page at a time. The JSON shape is documented in
+//! docs/report.md and kept stable.
+//!
+//! Memory per report is bounded whatever the database holds: SQLite orders
+//! and limits the rows (its sorter keeps only the page's rows; no index,
+//! because filtered pages walking a worst-first index were slower than a
+//! scan, see docs/benchmarks.md), the page's rows are read one by one, and
+//! the directory is asked for the page's dialed IPs only.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -16,8 +23,10 @@ use crate::time::rfc3339;
 
 mod filter;
 pub mod html;
+mod page;
 
 pub use filter::{AppliedFilter, FilterArgs, FilterError, ReportFilter, VERDICTS};
+pub use page::{Cursor, DEFAULT_LIMIT, MAX_LIMIT, Page};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -85,7 +94,17 @@ pub struct Intended {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Report {
+    /// This page's rows, worst first.
     pub rows: Vec<ReportRow>,
+    /// Rows the filter selects, over all pages.
+    #[serde(default)]
+    pub total_rows: u64,
+    /// More rows follow this page: ask again with `nextCursor`.
+    #[serde(default)]
+    pub truncated: bool,
+    /// The `cursor` of the next page, when `truncated`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
     /// Events sidecars dropped before sending (their buffer was full): a gap
     /// in the rows' counts.
     pub dropped_events: u64,
@@ -108,74 +127,73 @@ pub struct Report {
     pub coverage: Coverage,
 }
 
-/// Reads the whole report; misrouted rows first, then by count.
+/// Reads the first page of the report, worst first.
 pub fn query(conn: &Connection) -> Result<Report, StoreError> {
     query_filtered(conn, &ReportFilter::default())
 }
 
-/// Reads the rows that `filter` selects (in SQL, over the aggregates).
+/// The `aggregates` columns a row is made of, in [`read_row`]'s order.
+const ROW_COLUMNS: &str = "source_workload, source_namespace, original_destination, upstream_host,
+    cluster, verdict, count, first_seen_ns, last_seen_ns, capturing_service, upstream_workload,
+    cause, would_close, enforced, source_pods";
+/// Where [`page::order_columns`] start in a row.
+const ORDER_COLUMNS_AT: usize = 15;
+
+/// Reads the page of rows that `filter` selects (in SQL, over the
+/// aggregates), with the totals and the coverage, from one snapshot of the
+/// database.
 pub fn query_filtered(conn: &Connection, filter: &ReportFilter) -> Result<Report, StoreError> {
-    let directory = store::directory(conn)?;
+    // A read transaction: the count, the page and the totals agree even
+    // while the collector commits.
+    let snapshot = conn.unchecked_transaction()?;
     let (condition, values) = filter.sql_condition();
-    let mut statement = conn.prepare(&format!(
-        "SELECT source_workload, source_namespace, original_destination, upstream_host,
-                cluster, verdict, count, first_seen_ns, last_seen_ns, capturing_service,
-                upstream_workload, cause, would_close, enforced, source_pods
+    let total_rows: i64 = snapshot.query_row(
+        &format!("SELECT count(*) FROM aggregates WHERE {condition}"),
+        rusqlite::params_from_iter(&values),
+        |row| row.get(0),
+    )?;
+    let limit = filter.page.limit;
+    let (after, after_values) = filter.page.sql_after();
+    let mut statement = snapshot.prepare(&format!(
+        "SELECT {ROW_COLUMNS}, {}
          FROM aggregates
-         WHERE {condition}
-         ORDER BY verdict = 'misrouted' DESC, count DESC, original_destination"
+         WHERE ({condition}) AND {after}
+         ORDER BY {}
+         LIMIT ?",
+        page::order_columns(),
+        page::order_by(),
     ))?;
-    let rows = statement
-        .query_map(rusqlite::params_from_iter(values), |row| {
-            let upstream: String = row.get(3)?;
-            let count: i64 = row.get(6)?;
-            let first: i64 = row.get(7)?;
-            let last: i64 = row.get(8)?;
-            let cause: String = row.get(11)?;
-            let would_close: i64 = row.get(12)?;
-            let enforced: i64 = row.get(13)?;
-            let source_pods: String = row.get(14)?;
-            Ok(ReportRow {
-                source_workload: row.get(0)?,
-                source_namespace: row.get(1)?,
-                original_destination: row.get(2)?,
-                upstream_host: (!upstream.is_empty()).then_some(upstream),
-                cluster: row.get(4)?,
-                verdict: row.get(5)?,
-                count: count.max(0) as u64,
-                first_seen: rfc3339(first.max(0) as u64),
-                last_seen: rfc3339(last.max(0) as u64),
-                intended: None,
-                capturing_service: row.get(9)?,
-                upstream_workload: row.get(10)?,
-                summary: String::new(),
-                fix: String::new(),
-                // Empty for rows stored before causes existed.
-                cause: Cause::from_label(&cause).unwrap_or_default(),
-                cause_text: String::new(),
-                culprit: None,
-                would_close: would_close.max(0) as u64,
-                enforced: enforced.max(0) as u64,
-                source_pods: source_pods
-                    .split(',')
-                    .filter(|pod| !pod.is_empty())
-                    .map(str::to_owned)
-                    .collect(),
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let rows = rows
+    // One row more than the page: whether another page follows.
+    let bound = values
         .into_iter()
-        .map(|row| enrich(row, &directory))
-        .collect();
-    let gaps = store::gaps(conn)?;
+        .chain(after_values)
+        .chain([rusqlite::types::Value::Integer(limit as i64 + 1)]);
+    let mut selected = statement.query(rusqlite::params_from_iter(bound))?;
+    let mut rows = Vec::with_capacity(limit.min(1_024));
+    let mut last = None;
+    let mut truncated = false;
+    while let Some(row) = selected.next()? {
+        if rows.len() == limit {
+            truncated = true;
+            break;
+        }
+        rows.push(read_row(row)?);
+        last = Some(Cursor::read(row, ORDER_COLUMNS_AT)?);
+    }
+    drop(selected);
+    let owners = store::directory_owners(&snapshot, rows.iter().filter_map(dialed_ip))?;
+    let gaps = store::gaps(&snapshot)?;
+    let coverage = coverage(&snapshot, filter)?;
     Ok(Report {
-        rows,
+        rows: rows.into_iter().map(|row| enrich(row, &owners)).collect(),
+        total_rows: total_rows.max(0) as u64,
+        truncated,
+        next_cursor: last.filter(|_| truncated).map(|cursor| cursor.encode()),
         dropped_events: gaps.dropped,
         rejected_events: gaps.rejected,
         sampled_out_events: gaps.sampled_out,
         filter: filter.applied(),
-        coverage: coverage(conn, filter)?,
+        coverage,
     })
 }
 
@@ -204,15 +222,57 @@ pub fn coverage(conn: &Connection, filter: &ReportFilter) -> Result<Coverage, St
     ))
 }
 
-/// Adds the owner of the dialed address and the one-sentence summary.
-fn enrich(mut row: ReportRow, directory: &HashMap<IpAddr, DirectoryEntry>) -> ReportRow {
-    let dialed_ip = row
-        .original_destination
+/// A row of [`ROW_COLUMNS`], before [`enrich`] adds what is not stored.
+fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ReportRow> {
+    let upstream: String = row.get(3)?;
+    let count: i64 = row.get(6)?;
+    let first: i64 = row.get(7)?;
+    let last: i64 = row.get(8)?;
+    let cause: String = row.get(11)?;
+    let would_close: i64 = row.get(12)?;
+    let enforced: i64 = row.get(13)?;
+    let source_pods: String = row.get(14)?;
+    Ok(ReportRow {
+        source_workload: row.get(0)?,
+        source_namespace: row.get(1)?,
+        original_destination: row.get(2)?,
+        upstream_host: (!upstream.is_empty()).then_some(upstream),
+        cluster: row.get(4)?,
+        verdict: row.get(5)?,
+        count: count.max(0) as u64,
+        first_seen: rfc3339(first.max(0) as u64),
+        last_seen: rfc3339(last.max(0) as u64),
+        intended: None,
+        capturing_service: row.get(9)?,
+        upstream_workload: row.get(10)?,
+        summary: String::new(),
+        fix: String::new(),
+        // Empty for rows stored before causes existed.
+        cause: Cause::from_label(&cause).unwrap_or_default(),
+        cause_text: String::new(),
+        culprit: None,
+        would_close: would_close.max(0) as u64,
+        enforced: enforced.max(0) as u64,
+        source_pods: source_pods
+            .split(',')
+            .filter(|pod| !pod.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
+fn dialed_ip(row: &ReportRow) -> Option<IpAddr> {
+    row.original_destination
         .parse::<SocketAddr>()
         .ok()
-        .map(|a| a.ip());
-    row.intended = dialed_ip
-        .and_then(|ip| directory.get(&ip))
+        .map(|a| a.ip())
+}
+
+/// Adds the owner of the dialed address (from `owners`, the directory's
+/// entries for the page's dialed IPs) and the one-sentence summary.
+fn enrich(mut row: ReportRow, owners: &HashMap<IpAddr, DirectoryEntry>) -> ReportRow {
+    row.intended = dialed_ip(&row)
+        .and_then(|ip| owners.get(&ip))
         .map(|entry| Intended {
             pod: entry.pod_name.clone(),
             namespace: entry.namespace.clone(),
@@ -235,6 +295,23 @@ fn enrich(mut row: ReportRow, directory: &HashMap<IpAddr, DirectoryEntry>) -> Re
         row.culprit = explained.culprit;
     }
     row
+}
+
+/// The line that says a report shows part of its rows, and how to see
+/// the rest; `None` when it shows them all.
+pub fn truncation_note(report: &Report) -> Option<String> {
+    let shown = report.rows.len() as u64;
+    let total = report.total_rows;
+    match &report.next_cursor {
+        Some(cursor) if report.truncated => Some(format!(
+            "showing {shown} of {total} rows, worst first; more with --limit N (at most {MAX_LIMIT}), \
+             or the next page with --cursor {cursor}"
+        )),
+        _ if shown < total => Some(format!(
+            "showing the last {shown} of {total} rows (the page after --cursor)"
+        )),
+        _ => None,
+    }
 }
 
 /// "manager/manager dialed pod manager-7948-sh7rx (10.0.1.7:5701) and
@@ -442,6 +519,10 @@ pub fn render_table(report: &Report) -> String {
         } else {
             "no misrouted or blackholed connections recorded\n"
         });
+    }
+    if let Some(note) = truncation_note(report) {
+        out.push_str(&note);
+        out.push('\n');
     }
     if filtered {
         // The effective filter, relative times resolved; as the HTTP API takes it.

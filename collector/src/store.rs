@@ -201,6 +201,32 @@ const MIGRATIONS: &[&str] = &[
      DROP TABLE sidecars;
      ALTER TABLE sidecars_v7 RENAME TO sidecars;
      CREATE INDEX sidecars_by_namespace ON sidecars (namespace);",
+    // 8: the pod directory holds each pod once (`directory` copied a pod's
+    // names to every IP it announced): `pods`, one row per (namespace, pod
+    // name, node id), and `pod_ips`, each IP's pod. `directory`'s rows move
+    // over, a pod's times the widest of its IPs'.
+    "CREATE TABLE pods (
+        id INTEGER PRIMARY KEY,
+        namespace TEXT NOT NULL,
+        pod_name TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        workload_name TEXT NOT NULL,
+        first_seen_ns INTEGER NOT NULL,
+        last_seen_ns INTEGER NOT NULL,
+        UNIQUE (namespace, pod_name, node_id)
+     );
+     CREATE TABLE pod_ips (
+        ip TEXT PRIMARY KEY,
+        pod_id INTEGER NOT NULL REFERENCES pods(id)
+     ) WITHOUT ROWID;
+     CREATE INDEX pod_ips_by_pod ON pod_ips (pod_id);
+     INSERT INTO pods (namespace, pod_name, node_id, workload_name, first_seen_ns, last_seen_ns)
+        SELECT namespace, pod_name, node_id, max(workload_name), min(first_seen_ns),
+            max(last_seen_ns)
+        FROM directory GROUP BY namespace, pod_name, node_id;
+     INSERT INTO pod_ips (ip, pod_id)
+        SELECT directory.ip, pods.id FROM directory JOIN pods USING (namespace, pod_name, node_id);
+     DROP TABLE directory;",
 ];
 
 /// The `sidecars` columns of the inventory, in `inventory::Vm` order.
@@ -325,7 +351,8 @@ pub struct Committed {
 pub struct Expired {
     pub events: u64,
     pub aggregates: u64,
-    pub directory: u64,
+    /// Pods of the directory, with their IPs.
+    pub pods: u64,
     pub sidecars: u64,
 }
 
@@ -769,36 +796,58 @@ impl WriterThread {
 
 fn record_seen(conn: &mut Connection, seen: &[(Arc<Hello>, u64)]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
-    for (sidecar, at_ns) in seen {
-        let at_ns = *at_ns;
-        let mut upsert = tx.prepare_cached(
-            "INSERT INTO directory (ip, pod_name, namespace, workload_name, node_id,
-                first_seen_ns, last_seen_ns)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
-             ON CONFLICT (ip) DO UPDATE SET
-                pod_name = excluded.pod_name,
-                namespace = excluded.namespace,
+    {
+        let mut upsert_pod = tx.prepare_cached(
+            "INSERT INTO pods (namespace, pod_name, node_id, workload_name, first_seen_ns,
+                last_seen_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+             ON CONFLICT (namespace, pod_name, node_id) DO UPDATE SET
                 workload_name = excluded.workload_name,
-                node_id = excluded.node_id,
-                last_seen_ns = max(last_seen_ns, excluded.last_seen_ns)",
+                last_seen_ns = max(last_seen_ns, excluded.last_seen_ns)
+             RETURNING id",
         )?;
-        for ip in &sidecar.instance_ips {
+        // A later pod with the same IP takes it over.
+        let mut claim_ip = tx.prepare_cached(
+            "INSERT INTO pod_ips (ip, pod_id) VALUES (?1, ?2)
+             ON CONFLICT (ip) DO UPDATE SET pod_id = excluded.pod_id
+                WHERE pod_id <> excluded.pod_id",
+        )?;
+        for (sidecar, at_ns) in seen {
             // An address that does not parse is kept out of the directory:
-            // it could never match a dialed address anyway.
-            let Ok(ip) = ip.trim().parse::<IpAddr>() else {
+            // it could never match a dialed address anyway. A pod without
+            // one has nothing to be looked up by.
+            let ips = announced_ips(sidecar);
+            if ips.is_empty() {
                 continue;
-            };
-            upsert.execute(params![
-                ip.to_string(),
-                sidecar.pod_name,
-                sidecar.namespace,
-                sidecar.workload_name,
-                sidecar.node_id,
-                as_sql_int(at_ns),
-            ])?;
+            }
+            let pod_id: i64 = upsert_pod.query_row(
+                params![
+                    sidecar.namespace,
+                    sidecar.pod_name,
+                    sidecar.node_id,
+                    sidecar.workload_name,
+                    as_sql_int(*at_ns),
+                ],
+                |row| row.get(0),
+            )?;
+            for ip in ips {
+                claim_ip.execute(params![ip.to_string(), pod_id])?;
+            }
         }
     }
     tx.commit()
+}
+
+/// The IPs a sidecar announced (`INSTANCE_IPS`) that parse, each once.
+pub fn announced_ips(sidecar: &Hello) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = sidecar
+        .instance_ips
+        .iter()
+        .filter_map(|ip| ip.trim().parse().ok())
+        .collect();
+    ips.sort_unstable();
+    ips.dedup();
+    ips
 }
 
 /// Upserts the VMs' rows; counters and times only ever grow (a VM that
@@ -995,10 +1044,12 @@ fn expire_chunk(
         "DELETE FROM aggregates WHERE last_seen_ns < ?1",
         params![cutoff],
     )?;
-    let directory = tx.execute(
-        "DELETE FROM directory WHERE last_seen_ns < ?1",
+    // Pods are few (one per pod that ever connected): no need to chunk them.
+    tx.execute(
+        "DELETE FROM pod_ips WHERE pod_id IN (SELECT id FROM pods WHERE last_seen_ns < ?1)",
         params![cutoff],
     )?;
+    let pods = tx.execute("DELETE FROM pods WHERE last_seen_ns < ?1", params![cutoff])?;
     let finished = events < EXPIRE_CHUNK;
     let sidecars = if finished {
         tx.execute(
@@ -1012,7 +1063,7 @@ fn expire_chunk(
     tx.commit()?;
     done.events += events as u64;
     done.aggregates += aggregates as u64;
-    done.directory += directory as u64;
+    done.pods += pods as u64;
     done.sidecars += sidecars as u64;
     Ok(finished)
 }
@@ -1372,7 +1423,7 @@ pub fn gaps(conn: &Connection) -> Result<Gaps, StoreError> {
     })
 }
 
-/// One pod IP's owner, from the sidecars' identification.
+/// The pod that owns an IP, from its sidecar's identification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectoryEntry {
     pub pod_name: String,
@@ -1381,31 +1432,80 @@ pub struct DirectoryEntry {
     pub last_seen_ns: u64,
 }
 
-/// The pod-IP directory: every IP that a sidecar announced (`INSTANCE_IPS`).
-pub fn directory(conn: &Connection) -> Result<HashMap<IpAddr, DirectoryEntry>, StoreError> {
-    let mut statement =
-        conn.prepare("SELECT ip, pod_name, namespace, workload_name, last_seen_ns FROM directory")?;
-    let rows = statement.query_map([], |row| {
-        let ip: String = row.get(0)?;
-        let last: i64 = row.get(4)?;
-        Ok((
-            ip,
-            DirectoryEntry {
-                pod_name: row.get(1)?,
-                namespace: row.get(2)?,
-                workload_name: row.get(3)?,
-                last_seen_ns: last.max(0) as u64,
-            },
-        ))
-    })?;
-    let mut entries = HashMap::new();
-    for row in rows {
-        let (ip, entry) = row?;
-        if let Ok(ip) = ip.parse() {
-            entries.insert(ip, entry);
+/// A pod of the directory and the IPs it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryPod {
+    pub pod: DirectoryEntry,
+    pub ips: Vec<IpAddr>,
+}
+
+/// The pod-IP directory, newest pods first, at most `max_ips` IPs (the
+/// in-memory directory's bound): every IP a sidecar announced
+/// (`INSTANCE_IPS`), grouped by pod.
+pub fn directory_pods(conn: &Connection, max_ips: usize) -> Result<Vec<DirectoryPod>, StoreError> {
+    let mut statement = conn.prepare(
+        "SELECT pods.id, pod_name, namespace, workload_name, last_seen_ns, ip
+         FROM pods JOIN pod_ips ON pod_ips.pod_id = pods.id
+         ORDER BY pods.id DESC LIMIT ?1",
+    )?;
+    let mut rows = statement.query([as_sql_int(max_ips as u64)])?;
+    let mut pods: Vec<DirectoryPod> = Vec::new();
+    let mut current_id = None;
+    while let Some(row) = rows.next()? {
+        let id: i64 = row.get(0)?;
+        let Ok(ip) = row.get::<_, String>(5)?.parse::<IpAddr>() else {
+            continue;
+        };
+        match pods.last_mut() {
+            Some(pod) if current_id == Some(id) => pod.ips.push(ip),
+            _ => {
+                current_id = Some(id);
+                pods.push(DirectoryPod {
+                    pod: directory_entry(row, 1)?,
+                    ips: vec![ip],
+                });
+            }
         }
     }
-    Ok(entries)
+    Ok(pods)
+}
+
+/// The owners of `ips` that the directory knows (one lookup per distinct
+/// IP: a report page asks for its rows' addresses only).
+pub fn directory_owners(
+    conn: &Connection,
+    ips: impl IntoIterator<Item = IpAddr>,
+) -> Result<HashMap<IpAddr, DirectoryEntry>, StoreError> {
+    let mut lookup = conn.prepare_cached(
+        "SELECT pod_name, namespace, workload_name, last_seen_ns
+         FROM pod_ips JOIN pods ON pods.id = pod_ips.pod_id
+         WHERE ip = ?1",
+    )?;
+    let mut owners = HashMap::new();
+    for ip in ips {
+        if owners.contains_key(&ip) {
+            continue;
+        }
+        let owner = lookup
+            .query_row([ip.to_string()], |row| directory_entry(row, 0))
+            .optional()?;
+        if let Some(owner) = owner {
+            owners.insert(ip, owner);
+        }
+    }
+    Ok(owners)
+}
+
+/// A `DirectoryEntry` from the pod columns (name, namespace, workload,
+/// last seen) starting at `first`.
+fn directory_entry(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<DirectoryEntry> {
+    let last: i64 = row.get(first + 3)?;
+    Ok(DirectoryEntry {
+        pod_name: row.get(first)?,
+        namespace: row.get(first + 1)?,
+        workload_name: row.get(first + 2)?,
+        last_seen_ns: last.max(0) as u64,
+    })
 }
 
 #[cfg(test)]
@@ -1541,6 +1641,162 @@ mod tests {
         assert_eq!(
             coverage_config(&conn).expect("config"),
             (expected, Duration::from_secs(120))
+        );
+    }
+
+    #[test]
+    fn a_version_6_database_keeps_its_directory_once_per_pod() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("v6.db");
+        {
+            let conn = Connection::open(&path).expect("create");
+            for migration in &MIGRATIONS[..6] {
+                conn.execute_batch(migration).expect("old migration");
+            }
+            conn.pragma_update(None, "user_version", 6)
+                .expect("version");
+            let mut insert = conn
+                .prepare(
+                    "INSERT INTO directory (ip, pod_name, namespace, workload_name, node_id,
+                        first_seen_ns, last_seen_ns) VALUES (?1, ?2, 'ns', 'w', ?3, ?4, ?5)",
+                )
+                .expect("prepare");
+            // Pod a: three IPs, seen at different times; pod b: one.
+            for (ip, pod, first, last) in [
+                ("10.0.0.1", "a", 100, 300),
+                ("10.0.0.2", "a", 50, 200),
+                ("fd00::1", "a", 100, 400),
+                ("10.0.0.9", "b", 10, 20),
+            ] {
+                insert
+                    .execute(params![ip, pod, format!("node-{pod}"), first, last])
+                    .expect("a version-6 directory row");
+            }
+        }
+        let conn = open_for_writing(&path).expect("migrate");
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .expect("version");
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let pods: Vec<(String, String, i64, i64)> = conn
+            .prepare("SELECT pod_name, node_id, first_seen_ns, last_seen_ns FROM pods ORDER BY 1")
+            .expect("prepare")
+            .query_map([], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("pods");
+        assert_eq!(
+            pods,
+            [
+                ("a".into(), "node-a".into(), 50, 400),
+                ("b".into(), "node-b".into(), 10, 20)
+            ]
+        );
+        let ip = |text: &str| text.parse::<IpAddr>().expect("ip");
+        let owners = directory_owners(
+            &conn,
+            [
+                ip("10.0.0.2"),
+                ip("fd00::1"),
+                ip("10.0.0.9"),
+                ip("10.0.0.3"),
+            ],
+        )
+        .expect("owners");
+        assert_eq!(owners.len(), 3, "{owners:?}");
+        assert_eq!(owners[&ip("fd00::1")].pod_name, "a");
+        assert_eq!(owners[&ip("10.0.0.2")].last_seen_ns, 400);
+        assert_eq!(owners[&ip("10.0.0.9")].pod_name, "b");
+        let table: Option<String> = conn
+            .query_row(
+                "SELECT name FROM sqlite_master WHERE name = 'directory'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()
+            .expect("schema");
+        assert_eq!(table, None, "the old table is gone");
+        let loaded = directory_pods(&conn, 10).expect("load");
+        assert_eq!(loaded.len(), 2);
+        let a = loaded
+            .iter()
+            .find(|pod| pod.pod.pod_name == "a")
+            .expect("pod a");
+        let mut ips = a.ips.clone();
+        ips.sort();
+        assert_eq!(ips, [ip("10.0.0.1"), ip("10.0.0.2"), ip("fd00::1")]);
+    }
+
+    fn announcing(pod: &str, node: &str, ips: &[&str]) -> Arc<Hello> {
+        Arc::new(Hello {
+            node_id: node.into(),
+            vm_instance: "vm".into(),
+            pod_name: pod.into(),
+            namespace: "ns".into(),
+            workload_name: "w".into(),
+            instance_ips: ips.iter().map(|ip| ip.to_string()).collect(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_pod_with_several_ips_is_stored_once_and_expires_with_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut conn = open_for_writing(&dir.path().join("d.db")).expect("open");
+        let long_name = "p".repeat(4_000);
+        let ips: Vec<String> = (0..200)
+            .map(|i| format!("10.1.{}.{}", i / 250, i % 250))
+            .collect();
+        let mut announced: Vec<&str> = ips.iter().map(String::as_str).collect();
+        // Duplicates and garbage are not stored.
+        announced.extend(["10.1.0.0", " 10.1.0.1 ", "not-an-ip"]);
+        let pod = announcing(&long_name, "node-1", &announced);
+        // Two VMs of the pod, at hello and at the end of their streams.
+        record_seen(
+            &mut conn,
+            &[(Arc::clone(&pod), 100), (Arc::clone(&pod), 150), (pod, 200)],
+        )
+        .expect("seen");
+        fn count(conn: &Connection, sql: &str) -> i64 {
+            conn.query_row(sql, [], |row| row.get(0)).expect(sql)
+        }
+        assert_eq!(count(&conn, "SELECT count(*) FROM pods"), 1);
+        assert_eq!(count(&conn, "SELECT count(*) FROM pod_ips"), 200);
+        // The name is stored once, not once per IP.
+        assert_eq!(
+            count(&conn, "SELECT sum(length(pod_name)) FROM pods"),
+            4_000
+        );
+        assert_eq!(count(&conn, "SELECT last_seen_ns FROM pods"), 200);
+
+        // Another pod takes over one IP; a third announces nothing usable.
+        record_seen(
+            &mut conn,
+            &[
+                (announcing("q", "node-2", &["10.1.0.5"]), 1_000),
+                (announcing("r", "node-3", &["bogus"]), 1_000),
+            ],
+        )
+        .expect("seen");
+        let ip = |text: &str| text.parse::<IpAddr>().expect("ip");
+        let owners = directory_owners(&conn, [ip("10.1.0.5"), ip("10.1.0.6")]).expect("owners");
+        assert_eq!(owners[&ip("10.1.0.5")].pod_name, "q");
+        assert_eq!(owners[&ip("10.1.0.6")].pod_name, long_name);
+        assert_eq!(count(&conn, "SELECT count(*) FROM pods"), 2);
+
+        // Retention removes the old pod and its IPs, keeps the newer one.
+        let mut done = Expired::default();
+        while !expire_chunk(&mut conn, 500, &mut done).expect("expire") {}
+        assert_eq!(done.pods, 1);
+        assert_eq!(count(&conn, "SELECT count(*) FROM pods"), 1);
+        assert_eq!(count(&conn, "SELECT count(*) FROM pod_ips"), 1);
+        let loaded = directory_pods(&conn, 10).expect("load");
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(
+            (loaded[0].pod.pod_name.as_str(), loaded[0].ips.as_slice()),
+            ("q", [ip("10.1.0.5")].as_slice())
         );
     }
 

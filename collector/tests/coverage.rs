@@ -574,7 +574,7 @@ async fn invalid_hello_fields_are_named() {
     }
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     assert_eq!(count(&db, "SELECT count(*) FROM sidecars"), 0);
-    assert_eq!(count(&db, "SELECT count(*) FROM directory"), 0);
+    assert_eq!(count(&db, "SELECT count(*) FROM pods"), 0);
     server.stop().await;
 }
 

@@ -1386,6 +1386,9 @@ fn trust_report() -> Report {
     rows.push(unexplained);
 
     Report {
+        total_rows: rows.len() as u64,
+        truncated: false,
+        next_cursor: None,
         rows,
         dropped_events: 0,
         rejected_events: 0,

@@ -323,15 +323,19 @@ async fn the_report_has_the_documented_shape() {
     )
     .await
     .expect("ratings stream");
+    let ratings_ips = ["10.0.2.7", "fd00::2:7"].map(|ip| ip.parse().expect("ip"));
     let directory = wait_until("the directory has the ratings pod", || {
         let conn = read_only(&db);
-        let entries = store::directory(&conn).expect("directory");
-        (entries.len() == 3).then_some(entries)
+        let entries = store::directory_owners(&conn, ratings_ips).expect("directory");
+        (entries.len() == 2).then_some(entries)
     })
     .await;
-    let owner = &directory[&"10.0.2.7".parse().expect("ip")];
+    let owner = &directory[&ratings_ips[0]];
     assert_eq!(owner.pod_name, "ratings-v1-5c6b-xyz12");
-    assert!(directory.contains_key(&"fd00::2:7".parse().expect("ip")));
+    assert_eq!(directory[&ratings_ips[1]], *owner);
+    // Both IPs' pod, stored once; and the reviews pod.
+    assert_eq!(count(&db, "SELECT count(*) FROM pods"), 2);
+    assert_eq!(count(&db, "SELECT count(*) FROM pod_ips"), 3);
 
     let expected = json!({
         "rows": [
@@ -400,6 +404,8 @@ async fn the_report_has_the_documented_shape() {
                 "sourcePods": ["reviews-v1-7d9f-abcde"],
             },
         ],
+        "totalRows": 2,
+        "truncated": false,
         "droppedEvents": 2,
         "rejectedEvents": 0,
         "sampledOutEvents": 0,
@@ -822,7 +828,8 @@ async fn retention_removes_what_is_older_than_the_cutoff() {
     assert_eq!(report.rows[0].count, 2);
     // The sidecar and its directory entry are current: kept.
     assert_eq!(count(&db, "SELECT count(*) FROM sidecars"), 1);
-    assert_eq!(count(&db, "SELECT count(*) FROM directory"), 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM pods"), 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM pod_ips"), 1);
     // Resends of expired events are refused as too old: never stored again.
     drop(stream);
     let mut stream = ReportStream::open(&mut client, NODE, "vm-1").await;
@@ -844,19 +851,18 @@ async fn the_directory_outlives_the_stream() {
     let server = Server::start(&db).await;
     let mut client = server.client().await;
     let stream = ReportStream::open(&mut client, NODE, "vm-1").await;
+    let pod_ip: std::net::IpAddr = "10.0.1.6".parse().expect("ip");
     let connected = wait_until("the directory entry", || {
-        let entries = store::directory(&read_only(&db)).expect("directory");
-        entries
-            .get(&"10.0.1.6".parse().expect("ip"))
-            .map(|e| e.last_seen_ns)
+        let entries = store::directory_owners(&read_only(&db), [pod_ip]).expect("directory");
+        entries.get(&pod_ip).map(|e| e.last_seen_ns)
     })
     .await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     drop(stream);
     let entry = wait_until("last seen moves on at disconnect", || {
-        let entries = store::directory(&read_only(&db)).expect("directory");
+        let entries = store::directory_owners(&read_only(&db), [pod_ip]).expect("directory");
         entries
-            .get(&"10.0.1.6".parse().expect("ip"))
+            .get(&pod_ip)
             .filter(|e| e.last_seen_ns > connected)
             .cloned()
     })

@@ -128,7 +128,9 @@ async fn prometheus_scrapes_the_metrics_and_the_shipped_rules_fire() {
         "{description}"
     );
 
-    // Two more, one resend, one invalid event.
+    // The VM reconnects: two more, one resend, one invalid event.
+    stream.close().await;
+    let mut stream = ReportStream::open(&mut client, NODE, "vm-1").await;
     let mut bad = misrouted(5);
     bad.original_destination = Some(SocketAddress {
         ip: "nope".into(),

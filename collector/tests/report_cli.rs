@@ -311,7 +311,7 @@ async fn bad_filter_values_are_refused_naming_the_flag_or_parameter() {
         ),
         (
             "verdit=misrouted",
-            "unknown parameter \"verdit\": expected since, until, namespace, verdict or port",
+            "unknown parameter \"verdit\": expected since, until, namespace, verdict, port, limit or cursor",
         ),
         ("port=1&port=2", "port given more than once"),
     ];

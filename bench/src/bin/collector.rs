@@ -10,10 +10,10 @@ use dialguard_bench::collector::{self, IngestCase, Options, Parts};
 #[derive(Debug, Parser)]
 #[command(
     name = "dialguard-bench-collector",
-    about = "Collector scale over loopback: ingest rate and CPU per event (1, 100, 2,000 streams), memory with idle streams, report time over large databases"
+    about = "Collector scale over loopback: ingest rate and CPU per event (1, 100, 2,000 streams), memory with idle streams, report time over large databases, report memory over 1,000,000 rows"
 )]
 struct Cli {
-    /// A short run: two streams, a few thousand events, 20 idle streams, a 10,000-event database.
+    /// A short run: two streams, a few thousand events, 20 idle streams, a 10,000-event database, 20,000 report rows.
     #[arg(long)]
     quick: bool,
     /// Ingest cases instead of the default, each STREAMSxEVENTS_PER_STREAM[xBATCH], e.g. `100x20000,2000x500x20`.
@@ -31,6 +31,10 @@ struct Cli {
     /// Report runs per size (the median is printed).
     #[arg(long)]
     report_runs: Option<usize>,
+    /// Distinct report rows to measure the report's memory over, e.g.
+    /// `1000000` (0 skips).
+    #[arg(long, value_delimiter = ',')]
+    report_rows: Vec<u64>,
     /// Bound on each ingest case, in seconds.
     #[arg(long)]
     timeout_secs: Option<u64>,
@@ -109,6 +113,9 @@ fn main() -> anyhow::Result<()> {
     if !cli.report_events.is_empty() {
         options.report_sizes = cli.report_events.into_iter().filter(|&n| n > 0).collect();
         options.report_sizes.sort_unstable();
+    }
+    if !cli.report_rows.is_empty() {
+        options.report_keys = cli.report_rows.into_iter().filter(|&n| n > 0).collect();
     }
     if let Some(n) = cli.report_runs {
         options.report_runs = n.max(1);

@@ -1,6 +1,7 @@
 //! Which rows a report covers: a time window that a row's connections must
 //! overlap, and exact matches on source namespace, verdict and destination
-//! port. The same text arrives as `report` flags and as query parameters of
+//! port; and which page of them (`limit`, `cursor`: see [`super::page`]).
+//! The same text arrives as `report` flags and as query parameters of
 //! `GET /api/v1/report`, so both are validated here, with errors naming the
 //! parameter and what it expects.
 
@@ -8,6 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::types::Value;
 use serde::{Deserialize, Serialize};
+
+use super::page::{DEFAULT_LIMIT, Page};
 
 /// The verdicts a report can hold (the filter reports only these).
 pub const VERDICTS: [&str; 3] = ["misrouted", "blackholed", "redirected"];
@@ -20,9 +23,11 @@ pub struct FilterArgs {
     pub namespace: Option<String>,
     pub verdict: Option<String>,
     pub port: Option<String>,
+    pub limit: Option<String>,
+    pub cursor: Option<String>,
 }
 
-/// A validated filter; the default selects every row.
+/// A validated filter; the default selects every row, and its first page.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReportFilter {
     /// Rows whose last connection ended at or after this (ns since the epoch).
@@ -35,6 +40,8 @@ pub struct ReportFilter {
     pub verdict: Option<String>,
     /// The port of the dialed address.
     pub port: Option<u16>,
+    /// Which of the selected rows, worst first.
+    pub page: Page,
 }
 
 /// The filter a report was made with, as it appears in the report (times
@@ -71,7 +78,9 @@ pub enum FilterError {
         value: String,
         expected: String,
     },
-    #[error("unknown parameter {0:?}: expected since, until, namespace, verdict or port")]
+    #[error(
+        "unknown parameter {0:?}: expected since, until, namespace, verdict, port, limit or cursor"
+    )]
     Unknown(String),
     #[error("{0} given more than once")]
     Repeated(&'static str),
@@ -108,6 +117,8 @@ impl FilterArgs {
                 "namespace" => ("namespace", &mut args.namespace),
                 "verdict" => ("verdict", &mut args.verdict),
                 "port" => ("port", &mut args.port),
+                "limit" => ("limit", &mut args.limit),
+                "cursor" => ("cursor", &mut args.cursor),
                 other => return Err(FilterError::Unknown(other.to_string())),
             };
             if slot.replace(value.into_owned()).is_some() {
@@ -176,12 +187,14 @@ impl FilterArgs {
                 }),
             })
             .transpose()?;
+        let page = Page::parse(self.limit.as_deref(), self.cursor.as_deref())?;
         Ok(ReportFilter {
             since_ns,
             until_ns,
             namespace,
             verdict,
             port,
+            page,
         })
     }
 }
@@ -230,17 +243,23 @@ impl ReportFilter {
         }
     }
 
-    /// The query string for `GET /api/v1/report` ("" when unfiltered).
+    /// The query string for `GET /api/v1/report` ("" when unfiltered and
+    /// on the first page of the default size: a collector from before
+    /// paging then answers as well).
     pub fn to_query(&self) -> String {
         let applied = self.applied();
         let mut query = url::form_urlencoded::Serializer::new(String::new());
         let port = applied.port.map(|port| port.to_string());
+        let limit = (self.page.limit != DEFAULT_LIMIT).then(|| self.page.limit.to_string());
+        let cursor = self.page.after.as_ref().map(|cursor| cursor.encode());
         for (name, value) in [
             ("since", applied.since.as_deref()),
             ("until", applied.until.as_deref()),
             ("namespace", applied.namespace.as_deref()),
             ("verdict", applied.verdict.as_deref()),
             ("port", port.as_deref()),
+            ("limit", limit.as_deref()),
+            ("cursor", cursor.as_deref()),
         ] {
             if let Some(value) = value {
                 query.append_pair(name, value);
@@ -502,6 +521,8 @@ mod tests {
             namespace: Some("team a&b".into()),
             verdict: Some("blackholed".into()),
             port: Some("5701".into()),
+            limit: Some("25".into()),
+            cursor: None,
         })
         .expect("valid");
         let query = filter.to_query();
@@ -530,6 +551,7 @@ mod tests {
             namespace: Some("manager".into()),
             verdict: Some("misrouted".into()),
             port: Some("5701".into()),
+            ..Default::default()
         })
         .expect("valid");
         let (sql, values) = filter.sql_condition();

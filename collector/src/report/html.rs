@@ -95,6 +95,7 @@ button.copy { font: inherit; font-size: 13px; padding: 4px 10px; }
 .controls { display: flex; gap: 16px; align-items: center; margin-bottom: 12px; }
 .controls input[type=search] { font: inherit; padding: 4px 8px; min-width: 320px; }
 #js-error { background: var(--red-bg); color: var(--red); padding: 8px 12px; border-radius: 6px; }
+#truncated { background: var(--amber-bg); padding: 8px 12px; border-radius: 6px; }
 @media print {
   /* Paper: black on white, nothing to click, whole groups per page where they fit. */
   :root { --red: #000; --amber: #000; --grey: #000; --red-bg: #fff; --amber-bg: #fff; --grey-bg: #fff; --line: #777; --text: #000; --muted: #333; }
@@ -305,6 +306,16 @@ pub fn render_html(report: &Report, generated_at: &str) -> String {
         escape(&csp),
         escape(generated_at)
     );
+    if let Some(note) = super::truncation_note(report) {
+        let _ = writeln!(
+            page,
+            "<p id=\"truncated\" data-shown=\"{}\" data-total=\"{}\">This page holds part of the \
+             report's rows, and everything below counts those rows only: {}.</p>",
+            report.rows.len(),
+            report.total_rows,
+            escape(&note)
+        );
+    }
     let groups = cause_groups(report);
     summary(&mut page, report, &groups);
     findings(&mut page, report, &groups);
@@ -1206,6 +1217,9 @@ mod tests {
 
     fn report(rows: Vec<ReportRow>) -> Report {
         Report {
+            total_rows: rows.len() as u64,
+            truncated: false,
+            next_cursor: None,
             rows,
             dropped_events: 0,
             rejected_events: 0,
@@ -1394,6 +1408,10 @@ mod tests {
     fn untrusted_values_never_become_markup() {
         let report = Report {
             rows: vec![hostile_row()],
+            // A collector's cursor is base64; one from elsewhere is text.
+            total_rows: 9,
+            truncated: true,
+            next_cursor: Some(evil_text().into()),
             dropped_events: 1,
             rejected_events: 2,
             sampled_out_events: 3,
@@ -1423,6 +1441,10 @@ mod tests {
             assert!(!page.contains(needle), "{needle:?} reached the page");
         }
         assert!(page.contains(&format!("<code>{}</code>", escape(evil_text()))));
+        assert!(
+            page.contains("<p id=\"truncated\" data-shown=\"1\" data-total=\"9\">"),
+            "no note that rows were left out"
+        );
         // Our own script is the only one.
         assert_eq!(page.matches("<script").count(), 1);
         assert!(page.contains(
@@ -1435,6 +1457,9 @@ mod tests {
         let page = render_html(
             &Report {
                 rows: vec![],
+                total_rows: 0,
+                truncated: false,
+                next_cursor: None,
                 dropped_events: 0,
                 rejected_events: 0,
                 sampled_out_events: 0,
