@@ -114,138 +114,182 @@ pub async fn run(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let mut conn = store::open_for_writing(&config.db_path)?;
-    let directory = Directory::load(store::directory(&conn)?);
-    store::record_coverage_config(&mut conn, &config.expected_namespaces, config.forget_stale)?;
-    let inventory = Inventory::load(
-        store::inventory(&conn, None, config.limits.max_vms)?,
-        CoverageConfig {
-            max_vms: config.limits.max_vms,
-            expected: config.expected_namespaces.clone(),
-            forget_stale: config.forget_stale,
-        },
-    );
-    inventory.forget(crate::time::now_unix_nanos());
-    let metrics = Metrics::new();
-    let (writer, writer_thread) = Writer::start(conn, config.writer, metrics.clone());
-    let (stop_tx, stop_rx) = watch::channel(false);
+    Collector::open(config)?.serve(grpc, http, shutdown).await
+}
 
-    let alerts = AlertSink::new(config.alert_interval);
-    let background = tokio::spawn(background(
-        writer.clone(),
-        alerts.clone(),
-        config.clone(),
-        stop_rx.clone(),
-    ));
-    let persist = tokio::spawn(persist_inventory(
-        inventory.clone(),
-        writer.clone(),
-        stop_rx.clone(),
-    ));
-    let final_flush = (inventory.clone(), writer.clone());
-    let limits = config.limits;
-    let alertmanager = config
-        .alertmanager
-        .clone()
-        .map(|am| alertmanager::start(am, stop_rx.clone()));
-    let service = CollectorService::new(
-        writer,
-        Notify {
-            alerts,
-            alertmanager,
-            directory,
-            inventory: inventory.clone(),
-        },
-        limits,
-        metrics.clone(),
-        stop_rx.clone(),
-    );
-    let grpc_server = tonic::transport::Server::builder()
-        // Dead sidecars (a node gone without a FIN) must not hold a stream slot forever.
-        .tcp_keepalive(Some(Duration::from_secs(60)))
-        .http2_keepalive_interval(Some(Duration::from_secs(60)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        // Flow control bounds what each connection can buffer before ingest
-        // reads it. A sidecar keeps up to 10,000 events (about 2 MB)
-        // unacknowledged; with 256 KiB windows a single busy stream spent
-        // most of that waiting for window updates (76k events/s against
-        // 153k/s with 1 MiB, `cargo xtask bench collector`). Decoded events
-        // are bounded separately (`QUEUED_EVENTS`).
-        .initial_stream_window_size(Some(1 << 20))
-        .initial_connection_window_size(Some(1 << 20))
-        .add_service(
-            CollectorServer::new(service).max_decoding_message_size(limits.max_message_bytes),
+/// The collector with its database opened and migrated and its state
+/// loaded, not serving yet: `dialguard serve` says it listens only once
+/// this has worked, so a database it cannot use fails before that line.
+#[derive(Debug)]
+pub struct Collector {
+    config: ServeConfig,
+    conn: rusqlite::Connection,
+    directory: Directory,
+    inventory: Inventory,
+}
+
+impl Collector {
+    /// Opens (creating and migrating) the database and loads the pod
+    /// directory and the sidecar inventory from it.
+    pub fn open(config: ServeConfig) -> Result<Self, ServeError> {
+        let mut conn = store::open_for_writing(&config.db_path)?;
+        let directory = Directory::load(store::directory(&conn)?);
+        store::record_coverage_config(&mut conn, &config.expected_namespaces, config.forget_stale)?;
+        let inventory = Inventory::load(
+            store::inventory(&conn, None, config.limits.max_vms)?,
+            CoverageConfig {
+                max_vms: config.limits.max_vms,
+                expected: config.expected_namespaces.clone(),
+                forget_stale: config.forget_stale,
+            },
         );
-    let grpc_stopped = stopped(stop_rx.clone());
-    let grpc_task = match &config.tls {
-        None => {
-            let incoming = TcpListenerStream::new(grpc);
-            tokio::spawn(grpc_server.serve_with_incoming_shutdown(incoming, grpc_stopped))
-        }
-        Some(tls) => {
-            let established = tls::accept(grpc, tls.grpc(), stop_rx.clone());
-            let incoming = ReceiverStream::new(established).map(Ok::<_, std::io::Error>);
-            tokio::spawn(grpc_server.serve_with_incoming_shutdown(incoming, grpc_stopped))
-        }
-    };
-
-    let mut app = http::router(
-        config.db_path.clone(),
-        config.modules.clone(),
-        metrics,
-        inventory,
-    );
-    if let Some(token) = config.http_token.clone() {
-        app = auth::require_token(app, token);
+        inventory.forget(crate::time::now_unix_nanos());
+        Ok(Self {
+            config,
+            conn,
+            directory,
+            inventory,
+        })
     }
-    let http_task = match &config.tls {
-        None => tokio::spawn(
-            axum::serve(http, app)
-                .with_graceful_shutdown(stopped(stop_rx.clone()))
-                .into_future(),
-        ),
-        Some(tls) => {
-            let listener = tls::TlsListener::new(http, tls.http(), stop_rx.clone())?;
-            tokio::spawn(
-                axum::serve(listener, app)
+
+    pub fn config(&self) -> &ServeConfig {
+        &self.config
+    }
+
+    /// [`run`], on the opened database.
+    pub async fn serve(
+        self,
+        grpc: TcpListener,
+        http: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
+        let Self {
+            config,
+            conn,
+            directory,
+            inventory,
+        } = self;
+        let metrics = Metrics::new();
+        let (writer, writer_thread) = Writer::start(conn, config.writer, metrics.clone());
+        let (stop_tx, stop_rx) = watch::channel(false);
+
+        let alerts = AlertSink::new(config.alert_interval);
+        let background = tokio::spawn(background(
+            writer.clone(),
+            alerts.clone(),
+            config.clone(),
+            stop_rx.clone(),
+        ));
+        let persist = tokio::spawn(persist_inventory(
+            inventory.clone(),
+            writer.clone(),
+            stop_rx.clone(),
+        ));
+        let final_flush = (inventory.clone(), writer.clone());
+        let limits = config.limits;
+        let alertmanager = config
+            .alertmanager
+            .clone()
+            .map(|am| alertmanager::start(am, stop_rx.clone()));
+        let service = CollectorService::new(
+            writer,
+            Notify {
+                alerts,
+                alertmanager,
+                directory,
+                inventory: inventory.clone(),
+            },
+            limits,
+            metrics.clone(),
+            stop_rx.clone(),
+        );
+        let grpc_server = tonic::transport::Server::builder()
+            // Dead sidecars (a node gone without a FIN) must not hold a stream slot forever.
+            .tcp_keepalive(Some(Duration::from_secs(60)))
+            .http2_keepalive_interval(Some(Duration::from_secs(60)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            // Flow control bounds what each connection can buffer before ingest
+            // reads it. A sidecar keeps up to 10,000 events (about 2 MB)
+            // unacknowledged; with 256 KiB windows a single busy stream spent
+            // most of that waiting for window updates (76k events/s against
+            // 153k/s with 1 MiB, `cargo xtask bench collector`). Decoded events
+            // are bounded separately (`QUEUED_EVENTS`).
+            .initial_stream_window_size(Some(1 << 20))
+            .initial_connection_window_size(Some(1 << 20))
+            .add_service(
+                CollectorServer::new(service).max_decoding_message_size(limits.max_message_bytes),
+            );
+        let grpc_stopped = stopped(stop_rx.clone());
+        let grpc_task = match &config.tls {
+            None => {
+                let incoming = TcpListenerStream::new(grpc);
+                tokio::spawn(grpc_server.serve_with_incoming_shutdown(incoming, grpc_stopped))
+            }
+            Some(tls) => {
+                let established = tls::accept(grpc, tls.grpc(), stop_rx.clone());
+                let incoming = ReceiverStream::new(established).map(Ok::<_, std::io::Error>);
+                tokio::spawn(grpc_server.serve_with_incoming_shutdown(incoming, grpc_stopped))
+            }
+        };
+
+        let mut app = http::router(
+            config.db_path.clone(),
+            config.modules.clone(),
+            metrics,
+            inventory,
+        );
+        if let Some(token) = config.http_token.clone() {
+            app = auth::require_token(app, token);
+        }
+        let http_task = match &config.tls {
+            None => tokio::spawn(
+                axum::serve(http, app)
                     .with_graceful_shutdown(stopped(stop_rx.clone()))
                     .into_future(),
-            )
+            ),
+            Some(tls) => {
+                let listener = tls::TlsListener::new(http, tls.http(), stop_rx.clone())?;
+                tokio::spawn(
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped(stop_rx.clone()))
+                        .into_future(),
+                )
+            }
+        };
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        let grace = config.shutdown_grace;
+        let grpc_result = match tokio::time::timeout(grace, grpc_task).await {
+            Ok(Ok(result)) => result.map_err(ServeError::from),
+            Ok(Err(join)) => Err(ServeError::Http(std::io::Error::other(join))),
+            Err(_) => {
+                tracing::warn!("gRPC connections still open after {grace:?}; closing them");
+                Ok(())
+            }
+        };
+        let http_result = match tokio::time::timeout(grace, http_task).await {
+            Ok(Ok(result)) => result.map_err(ServeError::from),
+            Ok(Err(join)) => Err(ServeError::Http(std::io::Error::other(join))),
+            Err(_) => Ok(()),
+        };
+        let _ = background.await;
+        let _ = persist.await;
+        // What the streams changed since the last flush, once they are done
+        // (or abandoned after the grace period).
+        let (inventory, flush_writer) = final_flush;
+        flush_inventory(&inventory, &flush_writer).await;
+        drop(flush_writer);
+        // The writer thread ends once every stream task has dropped its handle;
+        // commits already queued finish first. A connection that outlives the
+        // grace period is abandoned: what it did not get acknowledged, the
+        // sidecar sends again.
+        let join = tokio::task::spawn_blocking(move || writer_thread.join());
+        if tokio::time::timeout(grace, join).await.is_err() {
+            tracing::warn!("streams still open after {grace:?}; stopping without them");
         }
-    };
-    shutdown.await;
-    tracing::info!("shutting down");
-    let _ = stop_tx.send(true);
-    let grace = config.shutdown_grace;
-    let grpc_result = match tokio::time::timeout(grace, grpc_task).await {
-        Ok(Ok(result)) => result.map_err(ServeError::from),
-        Ok(Err(join)) => Err(ServeError::Http(std::io::Error::other(join))),
-        Err(_) => {
-            tracing::warn!("gRPC connections still open after {grace:?}; closing them");
-            Ok(())
-        }
-    };
-    let http_result = match tokio::time::timeout(grace, http_task).await {
-        Ok(Ok(result)) => result.map_err(ServeError::from),
-        Ok(Err(join)) => Err(ServeError::Http(std::io::Error::other(join))),
-        Err(_) => Ok(()),
-    };
-    let _ = background.await;
-    let _ = persist.await;
-    // What the streams changed since the last flush, once they are done
-    // (or abandoned after the grace period).
-    let (inventory, flush_writer) = final_flush;
-    flush_inventory(&inventory, &flush_writer).await;
-    drop(flush_writer);
-    // The writer thread ends once every stream task has dropped its handle;
-    // commits already queued finish first. A connection that outlives the
-    // grace period is abandoned: what it did not get acknowledged, the
-    // sidecar sends again.
-    let join = tokio::task::spawn_blocking(move || writer_thread.join());
-    if tokio::time::timeout(grace, join).await.is_err() {
-        tracing::warn!("streams still open after {grace:?}; stopping without them");
+        grpc_result.and(http_result)
     }
-    grpc_result.and(http_result)
 }
 
 /// Retention passes and alert sweeps, until shutdown.

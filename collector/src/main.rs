@@ -13,7 +13,7 @@ use dialguard_collector::alertmanager::AlertmanagerConfig;
 use dialguard_collector::auth::HttpToken;
 use dialguard_collector::http::{Module, Modules};
 use dialguard_collector::tls::{TlsConfig, TlsFiles, read_certificates};
-use dialguard_collector::{Limits, ServeConfig, report, store};
+use dialguard_collector::{Collector, Limits, ServeConfig, report, store};
 use dialguard_envoyfilter::module::Build;
 use dialguard_envoyfilter::rollout::{self, CollectorManifests, RolloutArgs};
 
@@ -561,6 +561,12 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
             .transpose()?,
         ..ServeConfig::new(flags.db)
     };
+    // Before anything says it listens: a database that cannot be opened
+    // or migrated stops `serve` here, with the flag named.
+    let db = config.db_path.clone();
+    let collector = Collector::open(config)
+        .with_context(|| format!("--db {}: cannot use the database", db.display()))?;
+    let config = collector.config();
     let (grpc, http) = (flags.grpc, flags.http);
     let grpc = tokio::net::TcpListener::bind(grpc)
         .await
@@ -580,7 +586,7 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
         http.local_addr()?,
         config.db_path.display()
     );
-    warn_if_exposed(&config, grpc.local_addr()?, http.local_addr()?);
+    warn_if_exposed(config, grpc.local_addr()?, http.local_addr()?);
     let scheme = if config.tls.is_some() {
         "https"
     } else {
@@ -602,7 +608,7 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
             module.path()
         );
     }
-    dialguard_collector::run(grpc, http, config, shutdown_signal()).await?;
+    collector.serve(grpc, http, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -619,6 +625,9 @@ fn warn_if_exposed(config: &ServeConfig, grpc: SocketAddr, http: SocketAddr) {
                 );
             }
         }
+    }
+    for warning in config.tls.iter().flat_map(TlsConfig::warnings) {
+        eprintln!("dialguard: warning: {warning}");
     }
     if config.http_token.is_none() && !http.ip().is_loopback() {
         eprintln!(

@@ -47,7 +47,11 @@ pub struct TlsConfig {
     grpc: Arc<ServerConfig>,
     http: Arc<ServerConfig>,
     grpc_client_auth: bool,
+    warnings: Vec<String>,
 }
+
+/// The smallest RSA key `--tls-key` may hold, in bits.
+pub const MIN_RSA_BITS: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -69,6 +73,17 @@ pub enum TlsError {
         cert.display()
     )]
     KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error(
+        "--tls-key {}: an RSA key of {bits} bits (the public key of --tls-cert {}); \
+         expected at least {MIN_RSA_BITS} bits",
+        key.display(),
+        cert.display()
+    )]
+    WeakKey {
+        cert: PathBuf,
+        key: PathBuf,
+        bits: usize,
+    },
 }
 
 impl TlsConfig {
@@ -78,6 +93,9 @@ impl TlsConfig {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let chain = read_certificates("--tls-cert", &files.cert)?;
         let key = read_private_key(&files.key)?;
+        // Before the key is loaded: ring refuses a short RSA key with a
+        // message that says neither why nor which flag.
+        let warnings = check_server_certificate(&chain, files)?;
         check_key_matches(&provider, &chain, &key, files)?;
 
         let config = |alpn: &[u8], client_ca: Option<&RootCertStore>| {
@@ -113,7 +131,15 @@ impl TlsConfig {
             grpc: config(b"h2", client_roots.as_ref())?,
             http: config(b"http/1.1", None)?,
             grpc_client_auth: client_roots.is_some(),
+            warnings,
         })
+    }
+
+    /// What is wrong with `--tls-cert` without stopping `serve` (expired,
+    /// not yet valid, SHA-1 signed, a CA certificate), one sentence each
+    /// naming the flag and the file: `serve` prints them as warnings.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Whether gRPC clients must present a certificate (mutual TLS).
@@ -198,6 +224,88 @@ fn read_client_roots(path: &Path) -> Result<RootCertStore, TlsError> {
             .map_err(|err| invalid("--grpc-client-ca", path, format!("not a usable CA: {err}")))?;
     }
     Ok(roots)
+}
+
+/// Signature algorithms over SHA-1 (RSA, ECDSA, DSA, and the old OIW RSA one):
+/// collisions for SHA-1 are practical, and clients refuse such certificates.
+const SHA1_SIGNATURES: [&str; 4] = [
+    "1.2.840.113549.1.1.5",
+    "1.2.840.10045.4.1",
+    "1.2.840.10040.4.3",
+    "1.3.14.3.2.29",
+];
+
+/// Checks the chain of `--tls-cert`: an RSA key under [`MIN_RSA_BITS`] is
+/// refused; the rest is returned as warnings, because the operator may
+/// know why (a test setup, a certificate about to be replaced) and
+/// clients decide anyway.
+fn check_server_certificate(
+    chain: &[CertificateDer<'static>],
+    files: &TlsFiles,
+) -> Result<Vec<String>, TlsError> {
+    let cert_flag = format!("--tls-cert {}", files.cert.display());
+    let mut warnings = Vec::new();
+    for (index, der) in chain.iter().enumerate() {
+        let (_, certificate) = x509_parser::parse_x509_certificate(der).map_err(|err| {
+            invalid(
+                "--tls-cert",
+                &files.cert,
+                format!("not a valid certificate: {err}"),
+            )
+        })?;
+        let which = if index == 0 {
+            "the certificate".to_string()
+        } else {
+            format!("certificate {} of the chain", index + 1)
+        };
+        let validity = certificate.validity();
+        let now = x509_parser::time::ASN1Time::now();
+        if now > validity.not_after {
+            warnings.push(format!(
+                "{cert_flag}: {which} expired on {}; clients will refuse it",
+                asn1_rfc3339(&validity.not_after)
+            ));
+        } else if now < validity.not_before {
+            warnings.push(format!(
+                "{cert_flag}: {which} is not valid before {}; clients will refuse it until then",
+                asn1_rfc3339(&validity.not_before)
+            ));
+        }
+        let algorithm = certificate.signature_algorithm.algorithm.to_id_string();
+        if SHA1_SIGNATURES.contains(&algorithm.as_str()) {
+            warnings.push(format!(
+                "{cert_flag}: {which} is signed with SHA-1 ({algorithm}), which clients refuse; \
+                 reissue it signed with SHA-256 or better"
+            ));
+        }
+        if index > 0 {
+            continue;
+        }
+        if certificate.is_ca() {
+            warnings.push(format!(
+                "{cert_flag}: the certificate is a CA certificate (basicConstraints CA:true), \
+                 not a server certificate; many clients refuse it as one"
+            ));
+        }
+        if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = certificate.public_key().parsed()
+        {
+            let bits = rsa.key_size();
+            if bits < MIN_RSA_BITS {
+                return Err(TlsError::WeakKey {
+                    cert: files.cert.clone(),
+                    key: files.key.clone(),
+                    bits,
+                });
+            }
+        }
+    }
+    Ok(warnings)
+}
+
+fn asn1_rfc3339(time: &x509_parser::time::ASN1Time) -> String {
+    let seconds = u64::try_from(time.timestamp()).unwrap_or(0);
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(seconds))
+        .to_string()
 }
 
 /// Catches a key and a certificate that do not belong together at startup,
