@@ -13,8 +13,10 @@ pub mod directory;
 pub mod event;
 pub mod finding;
 pub mod http;
+pub mod identity;
 pub mod ingest;
 pub mod inventory;
+pub mod listener;
 pub mod metrics;
 pub mod report;
 pub mod store;
@@ -30,7 +32,7 @@ use dialguard_proto::v1::collector_server::CollectorServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::alert::AlertSink;
 use crate::alertmanager::AlertmanagerConfig;
@@ -39,6 +41,8 @@ use crate::directory::Directory;
 pub use crate::ingest::Limits;
 use crate::ingest::{CollectorService, Notify};
 use crate::inventory::{CoverageConfig, Inventory};
+pub use crate::listener::ListenerLimits;
+use crate::listener::{Listener, Slots};
 use crate::metrics::Metrics;
 use crate::store::{StoreError, Writer, WriterConfig};
 use crate::tls::TlsConfig;
@@ -70,6 +74,8 @@ pub struct ServeConfig {
     pub expected_namespaces: BTreeSet<String>,
     /// A pod stale for longer than this leaves the coverage.
     pub forget_stale: Duration,
+    /// Connection caps and timeouts of both listeners.
+    pub listeners: ListenerLimits,
 }
 
 impl ServeConfig {
@@ -89,6 +95,7 @@ impl ServeConfig {
             http_token: None,
             expected_namespaces: BTreeSet::new(),
             forget_stale: inventory::DEFAULT_FORGET_STALE,
+            listeners: ListenerLimits::default(),
         }
     }
 }
@@ -219,19 +226,35 @@ impl Collector {
             .add_service(
                 CollectorServer::new(service).max_decoding_message_size(limits.max_message_bytes),
             );
-        let grpc_stopped = stopped(stop_rx.clone());
-        let grpc_task = match &config.tls {
-            None => {
-                let incoming = TcpListenerStream::new(grpc);
-                tokio::spawn(grpc_server.serve_with_incoming_shutdown(incoming, grpc_stopped))
-            }
-            Some(tls) => {
-                let established = tls::accept(grpc, tls.grpc(), stop_rx.clone());
-                let incoming = ReceiverStream::new(established).map(Ok::<_, std::io::Error>);
-                tokio::spawn(grpc_server.serve_with_incoming_shutdown(incoming, grpc_stopped))
-            }
-        };
+        let fd_limit = listener::fd_limit().unwrap_or_else(|err| {
+            tracing::warn!("reading the file descriptor limit failed ({err}); assuming 1024");
+            1024
+        });
+        let caps = config.listeners.caps(fd_limit);
+        tracing::info!(
+            "connections: at most {} gRPC and {} HTTP (file descriptor limit {fd_limit}, \
+             {} kept for the database and the collector's own files)",
+            caps.grpc,
+            caps.http,
+            listener::RESERVED_FDS
+        );
+        let grpc_incoming = listener::accept(
+            grpc,
+            listener::Accept {
+                listener: Listener::Grpc,
+                slots: Slots::new(Listener::Grpc, caps.grpc, metrics.clone()),
+                tls: config.tls.as_ref().map(TlsConfig::grpc),
+                // A plain connection that never says anything holds no slot for long.
+                await_first_bytes: true,
+            },
+            stop_rx.clone(),
+        );
+        let incoming = ReceiverStream::new(grpc_incoming).map(Ok::<_, std::io::Error>);
+        let grpc_task = tokio::spawn(
+            grpc_server.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
+        );
 
+        let http_slots = Slots::new(Listener::Http, caps.http, metrics.clone());
         let mut app = http::router(
             config.db_path.clone(),
             config.modules.clone(),
@@ -241,21 +264,23 @@ impl Collector {
         if let Some(token) = config.http_token.clone() {
             app = auth::require_token(app, token);
         }
-        let http_task = match &config.tls {
-            None => tokio::spawn(
-                axum::serve(http, app)
-                    .with_graceful_shutdown(stopped(stop_rx.clone()))
-                    .into_future(),
-            ),
-            Some(tls) => {
-                let listener = tls::TlsListener::new(http, tls.http(), stop_rx.clone())?;
-                tokio::spawn(
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(stopped(stop_rx.clone()))
-                        .into_future(),
-                )
-            }
-        };
+        let http_incoming = listener::accept(
+            http,
+            listener::Accept {
+                listener: Listener::Http,
+                slots: http_slots,
+                tls: config.tls.as_ref().map(TlsConfig::http),
+                // hyper's header timeout covers a silent client.
+                await_first_bytes: false,
+            },
+            stop_rx.clone(),
+        );
+        let http_task = tokio::spawn(listener::serve_http(
+            http_incoming,
+            app,
+            config.listeners,
+            stop_rx.clone(),
+        ));
         shutdown.await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
@@ -269,7 +294,7 @@ impl Collector {
             }
         };
         let http_result = match tokio::time::timeout(grace, http_task).await {
-            Ok(Ok(result)) => result.map_err(ServeError::from),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(join)) => Err(ServeError::Http(std::io::Error::other(join))),
             Err(_) => Ok(()),
         };

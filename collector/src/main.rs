@@ -13,7 +13,7 @@ use dialguard_collector::alertmanager::AlertmanagerConfig;
 use dialguard_collector::auth::HttpToken;
 use dialguard_collector::http::{Module, Modules};
 use dialguard_collector::tls::{TlsConfig, TlsFiles, read_certificates};
-use dialguard_collector::{Collector, Limits, ServeConfig, report, store};
+use dialguard_collector::{Collector, Limits, ListenerLimits, ServeConfig, report, store};
 use dialguard_envoyfilter::module::Build;
 use dialguard_envoyfilter::rollout::{self, CollectorManifests, RolloutArgs};
 
@@ -140,6 +140,42 @@ struct ServeFlags {
     /// ones beyond it get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = Limits::default().max_vms)]
     max_vms: usize,
+    /// Most connections the gRPC listener holds; more are closed at once.
+    /// Lowered at startup to what the file descriptor limit leaves after
+    /// HTTP's share and a reserve for the database (logged).
+    #[arg(long, default_value_t = ListenerLimits::default().max_grpc_connections, value_parser = at_least_one)]
+    max_grpc_connections: usize,
+    /// Most connections the HTTP listener holds. When full, a newcomer
+    /// takes the slot of the oldest connection that is not being answered
+    /// (one still sending its headers, or kept alive and idle); when all
+    /// are being answered it is closed. Lowered at startup to at most a
+    /// quarter of the file descriptor limit (3 per connection).
+    #[arg(long, default_value_t = ListenerLimits::default().max_http_connections, value_parser = at_least_one)]
+    max_http_connections: usize,
+    /// How long an HTTP client gets to send a request's headers, on a new
+    /// connection or the next request on a kept-alive one (e.g. 10s).
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
+    http_header_timeout: Duration,
+    /// How long an HTTP answer waits for a client that does not read it
+    /// before its connection is closed (e.g. 30s).
+    #[arg(long, default_value = "30s", value_parser = positive_duration)]
+    http_idle_timeout: Duration,
+}
+
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("expected at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(err) => Err(format!("expected a whole number of connections: {err}")),
+    }
+}
+
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("expected a positive duration such as 10s".into()),
+        Err(err) => Err(format!("expected a duration such as 10s: {err}")),
+    }
 }
 
 fn parse_namespace(text: &str) -> Result<String, String> {
@@ -510,6 +546,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
+    // First, so that everything opened later counts against the raised
+    // limit; logged after the listening line, which must come first.
+    let fd_limit = dialguard_collector::listener::raise_fd_limit();
     let modules = Modules {
         audit: flags
             .module
@@ -531,6 +570,12 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
             max_streams: flags.max_streams,
             hello_timeout: flags.hello_timeout,
             max_vms: flags.max_vms,
+        },
+        listeners: ListenerLimits {
+            max_grpc_connections: flags.max_grpc_connections,
+            max_http_connections: flags.max_http_connections,
+            http_header_timeout: flags.http_header_timeout,
+            http_idle_timeout: flags.http_idle_timeout,
         },
         expected_namespaces: expected_namespaces(&flags)?,
         forget_stale: flags.forget_stale,
@@ -587,6 +632,20 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
         config.db_path.display()
     );
     warn_if_exposed(config, grpc.local_addr()?, http.local_addr()?);
+    match fd_limit {
+        Ok(limit) if limit.soft_before != limit.soft => tracing::info!(
+            "file descriptors: soft limit raised from {} to {} (the hard limit is {})",
+            limit.soft_before,
+            limit.soft,
+            limit.hard
+        ),
+        Ok(limit) => tracing::info!(
+            "file descriptors: soft limit {} (the hard limit is {})",
+            limit.soft,
+            limit.hard
+        ),
+        Err(err) => tracing::warn!("raising the file descriptor limit failed: {err}"),
+    }
     let scheme = if config.tls.is_some() {
         "https"
     } else {

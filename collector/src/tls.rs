@@ -3,15 +3,12 @@
 //!
 //! The collector terminates TLS itself with rustls rather than through
 //! tonic's and axum's own TLS options: one loader gives the same checks and
-//! flag-naming errors for both listeners, and one acceptor does handshakes
-//! concurrently, each bounded in time, so a client that connects and says
-//! nothing holds no listener up.
+//! flag-naming errors for both listeners, and one accept loop
+//! (`listener.rs`) does handshakes concurrently, each bounded in time, so a
+//! client that connects and says nothing holds no listener up.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
@@ -20,17 +17,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{InconsistentKeys, RootCertStore, ServerConfig};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio_rustls::TlsAcceptor;
-
-/// How long a client gets to complete its handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Most handshakes in progress on one listener; further connections wait in
-/// the kernel's accept queue until one finishes.
-const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// The PEM files behind `--tls-cert`, `--tls-key` and `--grpc-client-ca`.
 #[derive(Debug, Clone)]
@@ -339,173 +325,5 @@ fn check_key_matches(
             &files.cert,
             format!("not a valid certificate: {err}"),
         )),
-    }
-}
-
-/// A connection whose TLS handshake has completed.
-#[derive(Debug)]
-pub struct TlsConnection {
-    stream: tokio_rustls::server::TlsStream<TcpStream>,
-    local: Option<SocketAddr>,
-    peer: SocketAddr,
-}
-
-impl TlsConnection {
-    pub fn peer_addr(&self) -> SocketAddr {
-        self.peer
-    }
-}
-
-impl AsyncRead for TlsConnection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConnection {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-impl tonic::transport::server::Connected for TlsConnection {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        tonic::transport::server::TcpConnectInfo {
-            local_addr: self.local,
-            remote_addr: Some(self.peer),
-        }
-    }
-}
-
-/// Accepts connections on `listener` until `stop` turns true and yields
-/// those whose handshake succeeds. A failed handshake (no or an untrusted
-/// client certificate, plain text, a timeout) closes that connection only,
-/// before anything it sent reaches the server.
-pub fn accept(
-    listener: TcpListener,
-    config: Arc<ServerConfig>,
-    mut stop: watch::Receiver<bool>,
-) -> mpsc::Receiver<TlsConnection> {
-    let (established, rx) = mpsc::channel(16);
-    let acceptor = TlsAcceptor::from(config);
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
-    tokio::spawn(async move {
-        let stopping = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        let mut stopping = std::pin::pin!(stopping);
-        loop {
-            let permit = tokio::select! {
-                () = &mut stopping => return,
-                permit = pending.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-            };
-            let (tcp, peer) = tokio::select! {
-                () = &mut stopping => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        // Out of file descriptors and the like: pause rather than spin.
-                        tracing::warn!("accepting a connection failed: {err}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let local = tcp.local_addr().ok();
-            let acceptor = acceptor.clone();
-            let established = established.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let connection = TlsConnection {
-                            stream,
-                            local,
-                            peer,
-                        };
-                        let _ = established.send(connection).await;
-                    }
-                    Ok(Err(err)) => tracing::info!("TLS handshake with {peer} failed: {err}"),
-                    Err(_) => tracing::info!(
-                        "TLS handshake with {peer} not done after {HANDSHAKE_TIMEOUT:?}; closed"
-                    ),
-                }
-            });
-        }
-    });
-    rx
-}
-
-/// [`accept`] as a listener for `axum::serve`.
-#[derive(Debug)]
-pub struct TlsListener {
-    established: mpsc::Receiver<TlsConnection>,
-    local_addr: SocketAddr,
-}
-
-impl TlsListener {
-    pub fn new(
-        listener: TcpListener,
-        config: Arc<ServerConfig>,
-        stop: watch::Receiver<bool>,
-    ) -> std::io::Result<Self> {
-        let local_addr = listener.local_addr()?;
-        Ok(Self {
-            established: accept(listener, config, stop),
-            local_addr,
-        })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsConnection;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.established.recv().await {
-            Some(connection) => {
-                let peer = connection.peer_addr();
-                (connection, peer)
-            }
-            // Accepting has stopped (shutdown): axum's graceful shutdown ends the server.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local_addr)
     }
 }
