@@ -15,7 +15,7 @@ use dialguard_collector::http::{Module, Modules};
 use dialguard_collector::tls::{TlsConfig, TlsFiles, read_certificates};
 use dialguard_collector::{Collector, Limits, ListenerLimits, ServeConfig, report, store};
 use dialguard_envoyfilter::module::Build;
-use dialguard_envoyfilter::rollout::{self, CollectorManifests, RolloutArgs};
+use dialguard_envoyfilter::rollout::{self, CollectorManifests, CollectorMtls, RolloutArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -486,11 +486,26 @@ struct RolloutFlags {
     collector_image: Option<String>,
     #[arg(long, default_value = "1Gi")]
     collector_storage: String,
+    /// How sidecars connect to the collector. `istio`: mutual TLS with
+    /// their Istio workload certificates (SDS secret `default`), checking
+    /// the collector's certificate against the mesh's root (`ROOTCA`) and
+    /// its --collector host name; the collector must run with --tls-cert,
+    /// --tls-key and --grpc-client-ca (the mesh's root). With
+    /// --with-collector the Deployment does, from the Secret
+    /// dialguard-collector-tls and the ConfigMap istio-ca-root-cert.
+    #[arg(long, value_enum, default_value_t = CollectorMtlsFlag::Off)]
+    collector_mtls: CollectorMtlsFlag,
     /// Print what removes the rollout instead (for `kubectl delete -f -`).
     #[arg(long)]
     uninstall: bool,
     #[arg(long, value_enum, default_value_t = Output::Yaml)]
     output: Output,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CollectorMtlsFlag {
+    Off,
+    Istio,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -720,6 +735,10 @@ fn rollout(flags: RolloutFlags) -> anyhow::Result<()> {
         priority: flags.priority,
         wasm_plugin: flags.wasm_plugin,
         collector_manifests,
+        collector_mtls: match flags.collector_mtls {
+            CollectorMtlsFlag::Off => CollectorMtls::Off,
+            CollectorMtlsFlag::Istio => CollectorMtls::Istio,
+        },
     };
     let objects = match flags.uninstall {
         false => rollout::render(&args)?,
