@@ -1,4 +1,5 @@
-//! The HTTP side: health, Prometheus metrics (`GET /metrics`), the report as
+//! The HTTP side: liveness (`GET /healthz`), readiness (`GET /readyz`:
+//! whether the store can write), Prometheus metrics (`GET /metrics`), the report as
 //! JSON (`GET /api/v1/report`) and, with
 //! `serve --module` and `--enforce-module`, the filter's two builds, so one
 //! deployment gives Envoy both the module and the event sink.
@@ -13,6 +14,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use dialguard_envoyfilter::module::{self, Build};
 
+use crate::health::{Readiness, StoreHealth};
 use crate::inventory::{Coverage, Inventory};
 use crate::metrics::{self, Metrics};
 use crate::report::{self, Report};
@@ -125,6 +127,7 @@ struct AppState {
     enforce_module: Option<Module>,
     metrics: Metrics,
     inventory: Inventory,
+    health: StoreHealth,
 }
 
 impl AppState {
@@ -149,9 +152,12 @@ pub fn router(
     modules: Modules,
     metrics: Metrics,
     inventory: Inventory,
+    health: StoreHealth,
 ) -> Router {
     let mut router = Router::new()
+        // Liveness: the process and its event loop answer.
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/api/v1/report", get(report_json))
         .route("/api/v1/coverage", get(coverage_json));
@@ -179,7 +185,29 @@ pub fn router(
         enforce_module: modules.enforce,
         metrics,
         inventory,
+        health,
     })
+}
+
+/// `GET /readyz`: 200 while the store can write; 503 with the reason and
+/// since when otherwise, e.g. `{"ready": false, "reason": "the store cannot
+/// write: database or disk is full (3 failed attempts)", "since":
+/// "2026-11-26T06:51:18.123Z"}`. Reads no database: cheap for probes.
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    match state.health.readiness() {
+        Readiness::Ready => (StatusCode::OK, Json(serde_json::json!({ "ready": true }))),
+        Readiness::NotReady {
+            reason,
+            since_unix_ns,
+        } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "ready": false,
+                "reason": reason,
+                "since": crate::time::rfc3339(since_unix_ns),
+            })),
+        ),
+    }
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {

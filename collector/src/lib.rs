@@ -12,6 +12,7 @@ pub mod auth;
 pub mod directory;
 pub mod event;
 pub mod finding;
+pub mod health;
 pub mod http;
 pub mod identity;
 pub mod ingest;
@@ -38,6 +39,7 @@ use crate::alert::AlertSink;
 use crate::alertmanager::AlertmanagerConfig;
 use crate::auth::HttpToken;
 use crate::directory::Directory;
+use crate::health::StoreHealth;
 pub use crate::ingest::Limits;
 use crate::ingest::{CollectorService, Notify};
 use crate::inventory::{CoverageConfig, Inventory};
@@ -177,8 +179,11 @@ impl Collector {
             inventory,
         } = self;
         let metrics = Metrics::new();
-        let (writer, writer_thread) = Writer::start(conn, config.writer, metrics.clone());
+        let health = StoreHealth::new();
+        let (writer, writer_thread) =
+            Writer::start(conn, config.writer.clone(), metrics.clone(), health.clone());
         let (stop_tx, stop_rx) = watch::channel(false);
+        let probe = tokio::spawn(probe_store(writer.clone(), health.clone(), stop_rx.clone()));
 
         let alerts = AlertSink::new(config.alert_interval);
         let background = tokio::spawn(background(
@@ -260,6 +265,7 @@ impl Collector {
             config.modules.clone(),
             metrics,
             inventory,
+            health,
         );
         if let Some(token) = config.http_token.clone() {
             app = auth::require_token(app, token);
@@ -300,6 +306,7 @@ impl Collector {
         };
         let _ = background.await;
         let _ = persist.await;
+        let _ = probe.await;
         // What the streams changed since the last flush, once they are done
         // (or abandoned after the grace period).
         let (inventory, flush_writer) = final_flush;
@@ -388,6 +395,23 @@ async fn flush_inventory(inventory: &Inventory, writer: &Writer) {
     if let Err(err) = writer.save_inventory(dirty).await {
         tracing::error!("saving the sidecar inventory failed, retrying in a second: {err}");
         inventory.mark_dirty(&keys);
+    }
+}
+
+/// Has the writer make a small write whenever it was idle for
+/// [`health::PROBE_EVERY`], so that `/readyz` notices a store that cannot
+/// write even while nobody writes; until shutdown.
+async fn probe_store(writer: Writer, health: StoreHealth, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(health::PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        if health.idle_for() >= health::PROBE_EVERY {
+            writer.probe();
+        }
     }
 }
 

@@ -73,8 +73,8 @@ struct ServeFlags {
     #[arg(long, value_name = "PATH", requires = "tls_cert")]
     grpc_client_ca: Option<PathBuf>,
     /// Require `Authorization: Bearer <token>` on the HTTP API and /metrics,
-    /// with the token read from this file (kept out of `ps`). /healthz and
-    /// the module stay open.
+    /// with the token read from this file (kept out of `ps`). /healthz,
+    /// /readyz and the module stay open.
     #[arg(long, value_name = "PATH")]
     http_token_file: Option<PathBuf>,
     /// SQLite database file; created if missing.

@@ -22,7 +22,13 @@ use rcgen::{BasicConstraints, ExtendedKeyUsagePurpose, IsCa};
 /// its own, non-zero, without panicking and without saying it listens.
 /// Returns its stderr.
 fn serve_fails(db: &Path, args: &[&str]) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dialguard"))
+    exits_failing(Command::new(env!("CARGO_BIN_EXE_dialguard")), db, args)
+}
+
+/// As [`serve_fails`], with `command` running the binary (killed by its
+/// PID if still running after [`WAIT`]).
+fn exits_failing(mut command: Command, db: &Path, args: &[&str]) -> String {
+    let mut child = command
         .args(["serve", "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
         .arg("--db")
         .arg(db)
@@ -40,7 +46,7 @@ fn serve_fails(db: &Path, args: &[&str]) -> String {
         if started.elapsed() > WAIT {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("dialguard serve {args:?} still running after {WAIT:?}");
+            panic!("{command:?} still running after {WAIT:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -48,14 +54,14 @@ fn serve_fails(db: &Path, args: &[&str]) -> String {
     if let Some(mut pipe) = child.stderr.take() {
         let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
     }
-    assert!(!status.success(), "serve {args:?} succeeded: {stderr}");
+    assert!(!status.success(), "{command:?} succeeded: {stderr}");
     assert!(
         !stderr.contains("panicked"),
-        "serve {args:?} panicked: {stderr}"
+        "{command:?} panicked: {stderr}"
     );
     assert!(
         !stderr.contains("listening"),
-        "serve {args:?} said it listens: {stderr}"
+        "{command:?} said it listens: {stderr}"
     );
     stderr
 }
@@ -104,6 +110,48 @@ fn a_database_serve_cannot_use_fails_before_listening_naming_db() {
         for needle in ["--db", shown.as_str(), expected] {
             assert!(stderr.contains(needle), "{needle:?} missing from: {stderr}");
         }
+    }
+}
+
+/// A WAL database needs its `-shm` (and `-wal`) beside it: in a directory
+/// the collector may not write, opening fails, before listening and with
+/// the reason, rather than later or silently. Root writes anywhere, so as
+/// root the binary runs as `nobody` (util-linux's `setpriv`).
+#[test]
+fn a_database_whose_shm_cannot_be_created_fails_before_listening() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    let db = data.join("dialguard.db");
+    drop(dialguard_collector::store::open_for_writing(&db).expect("create the database"));
+    // The last connection closed: SQLite removed the -wal and -shm files.
+    assert!(!data.join("dialguard.db-shm").exists());
+
+    let root = std::fs::metadata("/proc/self").expect("/proc/self").uid() == 0;
+    // As root, setpriv (util-linux) runs it as nobody.
+    let command = if root {
+        let nobody = 65534;
+        for path in [&data, &db] {
+            std::os::unix::fs::chown(path, Some(nobody), Some(nobody)).expect("chown to nobody");
+        }
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("let nobody in");
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_dialguard"));
+        command
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_dialguard"))
+    };
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o555))
+        .expect("make the directory read-only");
+    let stderr = exits_failing(command, &db, &[]);
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755))
+        .expect("make the directory writable again");
+    for needle in ["--db", arg(&db), "readonly database"] {
+        assert!(stderr.contains(needle), "{needle:?} missing from: {stderr}");
     }
 }
 

@@ -734,6 +734,7 @@ async fn under_overload_raw_rows_are_sampled_and_aggregates_stay_exact() {
         // Every batch counts as having waited too long.
         writer: WriterConfig {
             overloaded_after: Duration::ZERO,
+            ..WriterConfig::default()
         },
         ..test_config(&db)
     })

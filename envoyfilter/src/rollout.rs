@@ -693,7 +693,10 @@ impl Plan {
                                     { "name": "grpc-ingest", "containerPort": COLLECTOR_GRPC_PORT },
                                     { "name": "http-api", "containerPort": COLLECTOR_HTTP_PORT },
                                 ],
-                                "readinessProbe": probe("/healthz"),
+                                // Ready while the store can write; alive while the
+                                // process answers (a full disk is not cured by a restart).
+                                "readinessProbe": probe("/readyz"),
+                                "livenessProbe": probe("/healthz"),
                                 "volumeMounts": mounts,
                             }],
                             "volumes": volumes,

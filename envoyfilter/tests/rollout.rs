@@ -236,6 +236,16 @@ fn collector_manifests_and_uninstall() {
             .any(|p| p["name"].as_str().is_some_and(|n| n.starts_with("grpc-")))
     );
     assert_eq!(objects[2]["spec"]["replicas"], 1);
+    // Ready while the store can write; alive while the process answers.
+    let container = &objects[2]["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["readinessProbe"],
+        json!({ "httpGet": { "path": "/readyz", "port": 8080 } })
+    );
+    assert_eq!(
+        container["livenessProbe"],
+        json!({ "httpGet": { "path": "/healthz", "port": 8080 } })
+    );
 
     let removal = rollout::uninstall(&with_collector).expect("renders");
     let removed: Vec<(&str, &str)> = removal
@@ -901,6 +911,7 @@ fn the_collector_deployed_with_istio_mtls_serves_tls_and_trusts_the_mesh_root() 
     );
     // Probes and the module download speak TLS too (one certificate for both listeners).
     assert_eq!(container["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
+    assert_eq!(container["livenessProbe"]["httpGet"]["scheme"], "HTTPS");
     let envoy_filter = objects
         .iter()
         .find(|o| o["kind"] == "EnvoyFilter")
