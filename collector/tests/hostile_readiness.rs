@@ -116,6 +116,10 @@ async fn readyz_fails_while_commits_fail_and_recovers_without_losing_acked_event
         "/readyz took {:?} to notice",
         unready_at.duration_since(first_failure)
     );
+    eprintln!(
+        "/readyz answered 503 {:?} after the first failed commit",
+        unready_at.duration_since(first_failure)
+    );
     let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(answer["ready"], false, "{body}");
     let reason = answer["reason"].as_str().unwrap_or_default();
@@ -192,6 +196,10 @@ async fn an_idle_store_that_cannot_write_is_not_ready() {
         "/readyz took {:?} to notice",
         locked.elapsed()
     );
+    eprintln!(
+        "/readyz answered 503 {:?} after the lock: {body}",
+        locked.elapsed()
+    );
     assert!(
         body.contains("has not finished") || body.contains("database is locked"),
         "{body}"
@@ -210,6 +218,10 @@ async fn an_idle_store_that_cannot_write_is_not_ready() {
     assert!(
         released.elapsed() < Duration::from_secs(8),
         "{:?}",
+        released.elapsed()
+    );
+    eprintln!(
+        "/readyz answered 200 {:?} after the lock was released",
         released.elapsed()
     );
     drop(other);
