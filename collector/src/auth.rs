@@ -2,7 +2,8 @@
 //! `Authorization: Bearer <token>`.
 //!
 //! Two kinds of path stay open, because their clients cannot send a token
-//! and they reveal nothing about traffic: `/healthz` (kubelet probes) and
+//! and they reveal nothing about traffic: `/healthz` and `/readyz` (kubelet
+//! probes) and
 //! the filter module with its checksum (Envoy's remote fetch sends no
 //! headers; the bytes are the public build, pinned by SHA-256).
 
@@ -97,6 +98,7 @@ pub fn require_token(router: Router, token: HttpToken) -> Router {
 
 fn is_open(path: &str) -> bool {
     path == "/healthz"
+        || path == "/readyz"
         || [MODULE_PATH, ENFORCE_MODULE_PATH].iter().any(|module| {
             path == *module
                 || path
@@ -172,6 +174,7 @@ mod tests {
     #[test]
     fn only_health_and_module_are_open() {
         assert!(is_open("/healthz"));
+        assert!(is_open("/readyz"));
         assert!(is_open(MODULE_PATH));
         assert!(is_open(&format!("{MODULE_PATH}.sha256")));
         assert!(is_open(ENFORCE_MODULE_PATH));
@@ -180,5 +183,6 @@ mod tests {
         assert!(!is_open("/api/v1/report"));
         assert!(!is_open(&format!("{MODULE_PATH}.bak")));
         assert!(!is_open("/healthz/../api/v1/report"));
+        assert!(!is_open("/readyz/x"));
     }
 }

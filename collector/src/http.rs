@@ -1,4 +1,5 @@
-//! The HTTP side: health, Prometheus metrics (`GET /metrics`), the report as
+//! The HTTP side: liveness (`GET /healthz`), readiness (`GET /readyz`:
+//! whether the store can write), Prometheus metrics (`GET /metrics`), the report as
 //! JSON (`GET /api/v1/report`, a page at a time) and, with
 //! `serve --module` and `--enforce-module`, the filter's two builds, so one
 //! deployment gives Envoy both the module and the event sink.
@@ -15,6 +16,7 @@ use dialguard_envoyfilter::module::{self, Build};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use crate::health::{Readiness, StoreHealth};
 use crate::inventory::Inventory;
 use crate::metrics::{self, Metrics};
 use crate::report::{self, FilterError};
@@ -136,6 +138,7 @@ struct AppState {
     /// Permits for report reads; none left means 503.
     report_reads: Arc<Semaphore>,
     max_report_requests: usize,
+    health: StoreHealth,
 }
 
 impl AppState {
@@ -161,9 +164,12 @@ pub fn router(
     metrics: Metrics,
     inventory: Inventory,
     max_report_requests: usize,
+    health: StoreHealth,
 ) -> Router {
     let mut router = Router::new()
+        // Liveness: the process and its event loop answer.
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/api/v1/report", get(report_json))
         .route("/api/v1/coverage", get(coverage_json));
@@ -193,7 +199,32 @@ pub fn router(
         inventory,
         report_reads: Arc::new(Semaphore::new(max_report_requests)),
         max_report_requests,
+        health,
     })
+}
+
+/// `GET /readyz`: 200 while the store can write; 503 with the reason and
+/// since when otherwise, e.g. `{"ready": false, "reason": "the store cannot
+/// write: database or disk is full (3 failed attempts)", "since":
+/// "2026-11-26T06:51:18.123Z"}`. Reads no database: cheap for probes.
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    match state.health.readiness() {
+        Readiness::Ready => (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({ "ready": true })),
+        ),
+        Readiness::NotReady {
+            reason,
+            since_unix_ns,
+        } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({
+                "ready": false,
+                "reason": reason,
+                "since": crate::time::rfc3339(since_unix_ns),
+            })),
+        ),
+    }
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {

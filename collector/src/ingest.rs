@@ -25,7 +25,9 @@ use crate::alertmanager::AlertmanagerSink;
 use crate::directory::Directory;
 use crate::event::{EventError, TimeWindow, ValidEvent};
 use crate::finding::{self, Cause};
+use crate::identity::{IdentityError, PeerIdentity};
 use crate::inventory::{INTERVAL_RANGE_MS, Inventory, InventoryError, VmKey};
+use crate::listener::{ClientCertificate, PeerInfo};
 use crate::metrics::Metrics;
 use crate::store::{Batch, Committed, PendingCommit, StoreError, Writer};
 
@@ -111,6 +113,18 @@ pub enum IngestError {
     ShuttingDown,
     #[error(transparent)]
     Inventory(#[from] InventoryError),
+    #[error(
+        "hello.namespace {claimed:?} does not match namespace {proven:?} of the client \
+         certificate ({identity})"
+    )]
+    IdentityMismatch {
+        claimed: String,
+        proven: String,
+        identity: String,
+    },
+    /// `--grpc-client-ca`: the verified certificate proves no workload identity.
+    #[error(transparent)]
+    NoIdentity(#[from] IdentityError),
 }
 
 impl From<IngestError> for Status {
@@ -126,6 +140,9 @@ impl From<IngestError> for Status {
                 Status::resource_exhausted(message)
             }
             IngestError::NoHello(_) => Status::deadline_exceeded(message),
+            IngestError::IdentityMismatch { .. } | IngestError::NoIdentity(_) => {
+                Status::permission_denied(message)
+            }
             IngestError::HelloFirst
             | IngestError::HelloField(_)
             | IngestError::HelloValue { .. }
@@ -195,6 +212,10 @@ impl Collector for CollectorService {
         &self,
         request: Request<Streaming<SidecarMessage>>,
     ) -> Result<Response<Self::ReportStream>, Status> {
+        let identity = peer_identity(&request).inspect_err(|err| {
+            tracing::warn!("stream refused: {err}");
+            self.metrics.refuse_stream(err.reason());
+        })?;
         let permit = Arc::clone(&self.streams).try_acquire_owned().map_err(|_| {
             let err = IngestError::TooManyStreams(self.limits.max_streams);
             self.metrics.refuse_stream(err.reason());
@@ -207,10 +228,9 @@ impl Collector for CollectorService {
             let _permit = permit;
             let metrics = service.metrics.clone();
             let mut inbound = inbound;
-            // What the client certificate proved; nothing without mTLS.
-            let peer: Arc<str> = Arc::from("");
-            if let Err(err) = service.serve_stream(&mut inbound, &tx, peer).await {
-                tracing::warn!("stream ended: {err}");
+            let client = identity.as_ref().map(|id| id.uri.clone());
+            if let Err(err) = service.serve_stream(&mut inbound, &tx, identity).await {
+                tracing::warn!(client, "stream ended: {err}");
                 metrics.refuse_stream(err.reason());
                 let shutting_down = matches!(err, IngestError::ShuttingDown);
                 let _ = tx.send(Err(err.into())).await;
@@ -253,14 +273,18 @@ impl CollectorService {
         mut self,
         inbound: &mut Streaming<SidecarMessage>,
         tx: &Outbound,
-        peer: Arc<str>,
+        identity: Option<Arc<PeerIdentity>>,
     ) -> Result<(), IngestError> {
         let first = tokio::time::timeout(self.limits.hello_timeout, self.next(inbound))
             .await
             .map_err(|_| IngestError::NoHello(self.limits.hello_timeout))??;
         let hello = match first {
             Next::Message(kind) => match *kind {
-                sidecar_message::Kind::Hello(hello) => Arc::new(validate_hello(hello)?),
+                sidecar_message::Kind::Hello(hello) => {
+                    let hello = validate_hello(hello)?;
+                    check_identity(&hello, identity.as_deref())?;
+                    Arc::new(hello)
+                }
                 sidecar_message::Kind::Batch(_) | sidecar_message::Kind::Heartbeat(_) => {
                     return Err(IngestError::HelloFirst);
                 }
@@ -276,7 +300,10 @@ impl CollectorService {
         };
         // Thousands of these a second (every VM's heartbeat stream): debug.
         tracing::debug!(node = %hello.node_id, vm = %hello.vm_instance, "sidecar connected");
-        let vm = VmKey::proven(&hello, &peer);
+        // The key includes what the certificate proved: a certificate of
+        // one service account cannot write into, or blind, another's VMs.
+        let peer = identity.as_ref().map_or("", |id| id.uri.as_str());
+        let vm = VmKey::proven(&hello, peer);
         self.notify
             .inventory
             .hello(&vm, &hello, crate::time::now_unix_nanos())?;
@@ -285,7 +312,9 @@ impl CollectorService {
             .note_seen(Arc::clone(&hello), crate::time::now_unix_nanos())
             .await?;
         self.metrics.streams_connected.inc();
-        let result = self.serve_batches(&hello, &vm, inbound, tx).await;
+        let result = self
+            .serve_batches(&hello, &vm, identity.as_ref(), inbound, tx)
+            .await;
         self.metrics.streams_connected.dec();
         self.notify
             .inventory
@@ -303,6 +332,7 @@ impl CollectorService {
         &mut self,
         hello: &Arc<Hello>,
         vm: &VmKey,
+        identity: Option<&Arc<PeerIdentity>>,
         inbound: &mut Streaming<SidecarMessage>,
         tx: &Outbound,
     ) -> Result<(), IngestError> {
@@ -311,7 +341,12 @@ impl CollectorService {
         // still go out in order, each after its own commit.
         let mut pipeline: VecDeque<InFlight> = VecDeque::new();
         let result = self.pump(hello, vm, inbound, tx, &mut pipeline).await;
-        if result.is_err() {
+        if let Err(err) = &result {
+            tracing::debug!(
+                node = %hello.node_id,
+                client = identity.map(|id| id.uri.as_str()),
+                "stream failing: {err}"
+            );
             // Shutting down, or a bad message: what was already queued is
             // committed anyway, so it is acknowledged before the stream ends.
             let _ = self.drain(hello, &mut pipeline, tx).await;
@@ -682,7 +717,7 @@ impl CollectorService {
 
 impl IngestError {
     /// Every value of [`IngestError::reason`].
-    pub const REASONS: [&str; 12] = [
+    pub const REASONS: [&str; 14] = [
         "invalid_hello",
         "undecodable",
         "message_too_large",
@@ -695,6 +730,8 @@ impl IngestError {
         "too_many_vms",
         "heartbeat_backwards",
         "heartbeat_flood",
+        "identity_mismatch",
+        "no_identity",
     ];
 
     /// The `reason` label of `dialguard_streams_refused_total`.
@@ -720,6 +757,8 @@ impl IngestError {
             IngestError::TooManyStreams(_) => "too_many_streams",
             IngestError::Store(_) => "store_error",
             IngestError::ShuttingDown => "shutting_down",
+            IngestError::IdentityMismatch { .. } => "identity_mismatch",
+            IngestError::NoIdentity(_) => "no_identity",
         }
     }
 }
@@ -802,6 +841,38 @@ fn judge(events: &mut [ValidEvent], hello: &Hello, directory: &Directory) {
             source: event.source,
             instance_ips: &hello.instance_ips,
         });
+    }
+}
+
+/// What the client certificate proves about the stream's client, if the
+/// connection had one (`--grpc-client-ca`); refused when it proves nothing.
+fn peer_identity(
+    request: &Request<Streaming<SidecarMessage>>,
+) -> Result<Option<Arc<PeerIdentity>>, IngestError> {
+    match request
+        .extensions()
+        .get::<PeerInfo>()
+        .map(|peer| &peer.client)
+    {
+        Some(ClientCertificate::Identity(identity)) => Ok(Some(Arc::clone(identity))),
+        Some(ClientCertificate::Unusable(err)) => Err(IngestError::NoIdentity(err.clone())),
+        Some(ClientCertificate::None) | None => Ok(None),
+    }
+}
+
+/// A hello speaks only for the namespace its client certificate proves:
+/// a certificate from the CA must not let one workload claim another's
+/// sidecar (and, with a high sequence, blind it).
+fn check_identity(hello: &Hello, identity: Option<&PeerIdentity>) -> Result<(), IngestError> {
+    match identity {
+        Some(identity) if identity.namespace != hello.namespace => {
+            Err(IngestError::IdentityMismatch {
+                claimed: hello.namespace.chars().take(80).collect(),
+                proven: identity.namespace.clone(),
+                identity: identity.uri.clone(),
+            })
+        }
+        _ => Ok(()),
     }
 }
 

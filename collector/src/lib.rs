@@ -12,9 +12,12 @@ pub mod auth;
 pub mod directory;
 pub mod event;
 pub mod finding;
+pub mod health;
 pub mod http;
+pub mod identity;
 pub mod ingest;
 pub mod inventory;
+pub mod listener;
 pub mod metrics;
 pub mod report;
 pub mod sequence;
@@ -31,15 +34,18 @@ use dialguard_proto::v1::collector_server::CollectorServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::alert::AlertSink;
 use crate::alertmanager::AlertmanagerConfig;
 use crate::auth::HttpToken;
 use crate::directory::Directory;
+use crate::health::StoreHealth;
 pub use crate::ingest::Limits;
 use crate::ingest::{CollectorService, Notify};
 use crate::inventory::{CoverageConfig, Inventory};
+pub use crate::listener::ListenerLimits;
+use crate::listener::{Listener, Slots};
 use crate::metrics::Metrics;
 use crate::store::{StoreError, Writer, WriterConfig};
 use crate::tls::TlsConfig;
@@ -71,6 +77,8 @@ pub struct ServeConfig {
     pub expected_namespaces: BTreeSet<String>,
     /// A pod stale for longer than this leaves the coverage.
     pub forget_stale: Duration,
+    /// Connection caps and timeouts of both listeners.
+    pub listeners: ListenerLimits,
     /// Most report reads of the HTTP API at once; more get 503.
     pub max_report_requests: usize,
 }
@@ -92,6 +100,7 @@ impl ServeConfig {
             http_token: None,
             expected_namespaces: BTreeSet::new(),
             forget_stale: inventory::DEFAULT_FORGET_STALE,
+            listeners: ListenerLimits::default(),
             max_report_requests: http::DEFAULT_MAX_REPORT_REQUESTS,
         }
     }
@@ -118,143 +127,210 @@ pub async fn run(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let mut conn = store::open_for_writing(&config.db_path)?;
-    let directory = Directory::load(store::directory_pods(&conn, directory::MAX_ENTRIES)?);
-    store::record_coverage_config(&mut conn, &config.expected_namespaces, config.forget_stale)?;
-    let inventory = Inventory::load(
-        store::inventory(&conn, None, config.limits.max_vms)?,
-        CoverageConfig {
-            max_vms: config.limits.max_vms,
-            expected: config.expected_namespaces.clone(),
-            forget_stale: config.forget_stale,
-        },
-    );
-    inventory.forget(crate::time::now_unix_nanos());
-    let metrics = Metrics::new();
-    let (writer, writer_thread) = Writer::start(conn, config.writer, metrics.clone());
-    let (stop_tx, stop_rx) = watch::channel(false);
+    Collector::open(config)?.serve(grpc, http, shutdown).await
+}
 
-    let alerts = AlertSink::new(config.alert_interval);
-    let background = tokio::spawn(background(
-        writer.clone(),
-        alerts.clone(),
-        config.clone(),
-        stop_rx.clone(),
-    ));
-    let persist = tokio::spawn(persist_inventory(
-        inventory.clone(),
-        writer.clone(),
-        stop_rx.clone(),
-    ));
-    let final_flush = (inventory.clone(), writer.clone());
-    let mut limits = config.limits;
-    if let Some(retention) = config.retention {
-        // An event older than retention would be expired at once.
-        limits.max_event_age = limits.max_event_age.min(retention);
-    }
-    let alertmanager = config
-        .alertmanager
-        .clone()
-        .map(|am| alertmanager::start(am, stop_rx.clone()));
-    let service = CollectorService::new(
-        writer,
-        Notify {
-            alerts,
-            alertmanager,
-            directory,
-            inventory: inventory.clone(),
-        },
-        limits,
-        metrics.clone(),
-        stop_rx.clone(),
-    );
-    let grpc_server = tonic::transport::Server::builder()
-        // Dead sidecars (a node gone without a FIN) must not hold a stream slot forever.
-        .tcp_keepalive(Some(Duration::from_secs(60)))
-        .http2_keepalive_interval(Some(Duration::from_secs(60)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        // Flow control bounds what each connection can buffer before ingest
-        // reads it. A sidecar keeps up to 10,000 events (about 2 MB)
-        // unacknowledged; with 256 KiB windows a single busy stream spent
-        // most of that waiting for window updates (76k events/s against
-        // 153k/s with 1 MiB, `cargo xtask bench collector`). Decoded events
-        // are bounded separately (`QUEUED_EVENTS`).
-        .initial_stream_window_size(Some(1 << 20))
-        .initial_connection_window_size(Some(1 << 20))
-        .add_service(
-            CollectorServer::new(service).max_decoding_message_size(limits.max_message_bytes),
+/// The collector with its database opened and migrated and its state
+/// loaded, not serving yet: `dialguard serve` says it listens only once
+/// this has worked, so a database it cannot use fails before that line.
+#[derive(Debug)]
+pub struct Collector {
+    config: ServeConfig,
+    conn: rusqlite::Connection,
+    directory: Directory,
+    inventory: Inventory,
+}
+
+impl Collector {
+    /// Opens (creating and migrating) the database and loads the pod
+    /// directory and the sidecar inventory from it.
+    pub fn open(config: ServeConfig) -> Result<Self, ServeError> {
+        let mut conn = store::open_for_writing(&config.db_path)?;
+        let directory = Directory::load(store::directory_pods(&conn, directory::MAX_ENTRIES)?);
+        store::record_coverage_config(&mut conn, &config.expected_namespaces, config.forget_stale)?;
+        let inventory = Inventory::load(
+            store::inventory(&conn, None, config.limits.max_vms)?,
+            CoverageConfig {
+                max_vms: config.limits.max_vms,
+                expected: config.expected_namespaces.clone(),
+                forget_stale: config.forget_stale,
+            },
         );
-    let grpc_stopped = stopped(stop_rx.clone());
-    let grpc_task = match &config.tls {
-        None => {
-            let incoming = TcpListenerStream::new(grpc);
-            tokio::spawn(grpc_server.serve_with_incoming_shutdown(incoming, grpc_stopped))
-        }
-        Some(tls) => {
-            let established = tls::accept(grpc, tls.grpc(), stop_rx.clone());
-            let incoming = ReceiverStream::new(established).map(Ok::<_, std::io::Error>);
-            tokio::spawn(grpc_server.serve_with_incoming_shutdown(incoming, grpc_stopped))
-        }
-    };
+        inventory.forget(crate::time::now_unix_nanos());
+        Ok(Self {
+            config,
+            conn,
+            directory,
+            inventory,
+        })
+    }
 
-    let mut app = http::router(
-        config.db_path.clone(),
-        config.modules.clone(),
-        metrics,
-        inventory,
-        config.max_report_requests,
-    );
-    if let Some(token) = config.http_token.clone() {
-        app = auth::require_token(app, token);
+    pub fn config(&self) -> &ServeConfig {
+        &self.config
     }
-    let http_task = match &config.tls {
-        None => tokio::spawn(
-            axum::serve(http, app)
-                .with_graceful_shutdown(stopped(stop_rx.clone()))
-                .into_future(),
-        ),
-        Some(tls) => {
-            let listener = tls::TlsListener::new(http, tls.http(), stop_rx.clone())?;
-            tokio::spawn(
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped(stop_rx.clone()))
-                    .into_future(),
-            )
+
+    /// [`run`], on the opened database.
+    pub async fn serve(
+        self,
+        grpc: TcpListener,
+        http: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
+        let Self {
+            config,
+            conn,
+            directory,
+            inventory,
+        } = self;
+        let metrics = Metrics::new();
+        let health = StoreHealth::new();
+        let (writer, writer_thread) =
+            Writer::start(conn, config.writer.clone(), metrics.clone(), health.clone());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let probe = tokio::spawn(probe_store(writer.clone(), health.clone(), stop_rx.clone()));
+
+        let alerts = AlertSink::new(config.alert_interval);
+        let background = tokio::spawn(background(
+            writer.clone(),
+            alerts.clone(),
+            config.clone(),
+            stop_rx.clone(),
+        ));
+        let persist = tokio::spawn(persist_inventory(
+            inventory.clone(),
+            writer.clone(),
+            stop_rx.clone(),
+        ));
+        let final_flush = (inventory.clone(), writer.clone());
+        let mut limits = config.limits;
+        if let Some(retention) = config.retention {
+            // An event older than retention would be expired at once.
+            limits.max_event_age = limits.max_event_age.min(retention);
         }
-    };
-    shutdown.await;
-    tracing::info!("shutting down");
-    let _ = stop_tx.send(true);
-    let grace = config.shutdown_grace;
-    let grpc_result = match tokio::time::timeout(grace, grpc_task).await {
-        Ok(Ok(result)) => result.map_err(ServeError::from),
-        Ok(Err(join)) => Err(ServeError::Http(std::io::Error::other(join))),
-        Err(_) => {
-            tracing::warn!("gRPC connections still open after {grace:?}; closing them");
-            Ok(())
+        let alertmanager = config
+            .alertmanager
+            .clone()
+            .map(|am| alertmanager::start(am, stop_rx.clone()));
+        let service = CollectorService::new(
+            writer,
+            Notify {
+                alerts,
+                alertmanager,
+                directory,
+                inventory: inventory.clone(),
+            },
+            limits,
+            metrics.clone(),
+            stop_rx.clone(),
+        );
+        let grpc_server = tonic::transport::Server::builder()
+            // Dead sidecars (a node gone without a FIN) must not hold a stream slot forever.
+            .tcp_keepalive(Some(Duration::from_secs(60)))
+            .http2_keepalive_interval(Some(Duration::from_secs(60)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            // Flow control bounds what each connection can buffer before ingest
+            // reads it. A sidecar keeps up to 10,000 events (about 2 MB)
+            // unacknowledged; with 256 KiB windows a single busy stream spent
+            // most of that waiting for window updates (76k events/s against
+            // 153k/s with 1 MiB, `cargo xtask bench collector`). Decoded events
+            // are bounded separately (`QUEUED_EVENTS`).
+            .initial_stream_window_size(Some(1 << 20))
+            .initial_connection_window_size(Some(1 << 20))
+            .add_service(
+                CollectorServer::new(service).max_decoding_message_size(limits.max_message_bytes),
+            );
+        let fd_limit = listener::fd_limit().unwrap_or_else(|err| {
+            tracing::warn!("reading the file descriptor limit failed ({err}); assuming 1024");
+            1024
+        });
+        let caps = config.listeners.caps(fd_limit);
+        tracing::info!(
+            "connections: at most {} gRPC and {} HTTP (file descriptor limit {fd_limit}, \
+             {} kept for the database and the collector's own files)",
+            caps.grpc,
+            caps.http,
+            listener::RESERVED_FDS
+        );
+        let grpc_incoming = listener::accept(
+            grpc,
+            listener::Accept {
+                listener: Listener::Grpc,
+                slots: Slots::new(Listener::Grpc, caps.grpc, metrics.clone()),
+                tls: config.tls.as_ref().map(TlsConfig::grpc),
+                // A plain connection that never says anything holds no slot for long.
+                await_first_bytes: true,
+            },
+            stop_rx.clone(),
+        );
+        let incoming = ReceiverStream::new(grpc_incoming).map(Ok::<_, std::io::Error>);
+        let grpc_task = tokio::spawn(
+            grpc_server.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
+        );
+
+        let http_slots = Slots::new(Listener::Http, caps.http, metrics.clone());
+        let mut app = http::router(
+            config.db_path.clone(),
+            config.modules.clone(),
+            metrics,
+            inventory,
+            config.max_report_requests,
+            health,
+        );
+        if let Some(token) = config.http_token.clone() {
+            app = auth::require_token(app, token);
         }
-    };
-    let http_result = match tokio::time::timeout(grace, http_task).await {
-        Ok(Ok(result)) => result.map_err(ServeError::from),
-        Ok(Err(join)) => Err(ServeError::Http(std::io::Error::other(join))),
-        Err(_) => Ok(()),
-    };
-    let _ = background.await;
-    let _ = persist.await;
-    // What the streams changed since the last flush, once they are done
-    // (or abandoned after the grace period).
-    let (inventory, flush_writer) = final_flush;
-    flush_inventory(&inventory, &flush_writer).await;
-    drop(flush_writer);
-    // The writer thread ends once every stream task has dropped its handle;
-    // commits already queued finish first. A connection that outlives the
-    // grace period is abandoned: what it did not get acknowledged, the
-    // sidecar sends again.
-    let join = tokio::task::spawn_blocking(move || writer_thread.join());
-    if tokio::time::timeout(grace, join).await.is_err() {
-        tracing::warn!("streams still open after {grace:?}; stopping without them");
+        let http_incoming = listener::accept(
+            http,
+            listener::Accept {
+                listener: Listener::Http,
+                slots: http_slots,
+                tls: config.tls.as_ref().map(TlsConfig::http),
+                // hyper's header timeout covers a silent client.
+                await_first_bytes: false,
+            },
+            stop_rx.clone(),
+        );
+        let http_task = tokio::spawn(listener::serve_http(
+            http_incoming,
+            app,
+            config.listeners,
+            stop_rx.clone(),
+        ));
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        let grace = config.shutdown_grace;
+        let grpc_result = match tokio::time::timeout(grace, grpc_task).await {
+            Ok(Ok(result)) => result.map_err(ServeError::from),
+            Ok(Err(join)) => Err(ServeError::Http(std::io::Error::other(join))),
+            Err(_) => {
+                tracing::warn!("gRPC connections still open after {grace:?}; closing them");
+                Ok(())
+            }
+        };
+        let http_result = match tokio::time::timeout(grace, http_task).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(join)) => Err(ServeError::Http(std::io::Error::other(join))),
+            Err(_) => Ok(()),
+        };
+        let _ = background.await;
+        let _ = persist.await;
+        let _ = probe.await;
+        // What the streams changed since the last flush, once they are done
+        // (or abandoned after the grace period).
+        let (inventory, flush_writer) = final_flush;
+        flush_inventory(&inventory, &flush_writer).await;
+        drop(flush_writer);
+        // The writer thread ends once every stream task has dropped its handle;
+        // commits already queued finish first. A connection that outlives the
+        // grace period is abandoned: what it did not get acknowledged, the
+        // sidecar sends again.
+        let join = tokio::task::spawn_blocking(move || writer_thread.join());
+        if tokio::time::timeout(grace, join).await.is_err() {
+            tracing::warn!("streams still open after {grace:?}; stopping without them");
+        }
+        grpc_result.and(http_result)
     }
-    grpc_result.and(http_result)
 }
 
 /// Retention passes and alert sweeps, until shutdown.
@@ -328,6 +404,23 @@ async fn flush_inventory(inventory: &Inventory, writer: &Writer) {
     if let Err(err) = writer.save_inventory(dirty).await {
         tracing::error!("saving the sidecar inventory failed, retrying in a second: {err}");
         inventory.mark_dirty(&keys);
+    }
+}
+
+/// Has the writer make a small write whenever it was idle for
+/// [`health::PROBE_EVERY`], so that `/readyz` notices a store that cannot
+/// write even while nobody writes; until shutdown.
+async fn probe_store(writer: Writer, health: StoreHealth, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(health::PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        if health.idle_for() >= health::PROBE_EVERY {
+            writer.probe();
+        }
     }
 }
 

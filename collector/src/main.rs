@@ -14,9 +14,9 @@ use dialguard_collector::alertmanager::AlertmanagerConfig;
 use dialguard_collector::auth::HttpToken;
 use dialguard_collector::http::{self, Module, Modules};
 use dialguard_collector::tls::{TlsConfig, TlsFiles, read_certificates};
-use dialguard_collector::{Limits, ServeConfig, report, store};
+use dialguard_collector::{Collector, Limits, ListenerLimits, ServeConfig, report, store};
 use dialguard_envoyfilter::module::Build;
-use dialguard_envoyfilter::rollout::{self, CollectorManifests, RolloutArgs};
+use dialguard_envoyfilter::rollout::{self, CollectorManifests, CollectorMtls, RolloutArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Receive events from sidecars, store them and print alerts (JSON lines on stdout).
-    Serve(ServeFlags),
+    Serve(Box<ServeFlags>),
     /// Print the Kubernetes resources (EnvoyFilter or WasmPlugin, and
     /// optionally the collector) that install dialguard in selected namespaces.
     Rollout(RolloutFlags),
@@ -74,8 +74,8 @@ struct ServeFlags {
     #[arg(long, value_name = "PATH", requires = "tls_cert")]
     grpc_client_ca: Option<PathBuf>,
     /// Require `Authorization: Bearer <token>` on the HTTP API and /metrics,
-    /// with the token read from this file (kept out of `ps`). /healthz and
-    /// the module stay open.
+    /// with the token read from this file (kept out of `ps`). /healthz,
+    /// /readyz and the module stay open.
     #[arg(long, value_name = "PATH")]
     http_token_file: Option<PathBuf>,
     /// SQLite database file; created if missing.
@@ -152,6 +152,42 @@ struct ServeFlags {
     #[arg(long, default_value_t = http::DEFAULT_MAX_REPORT_REQUESTS,
           value_parser = clap::value_parser!(u16).range(1..=1024).map(usize::from))]
     max_report_requests: usize,
+    /// Most connections the gRPC listener holds; more are closed at once.
+    /// Lowered at startup to what the file descriptor limit leaves after
+    /// HTTP's share and a reserve for the database (logged).
+    #[arg(long, default_value_t = ListenerLimits::default().max_grpc_connections, value_parser = at_least_one)]
+    max_grpc_connections: usize,
+    /// Most connections the HTTP listener holds. When full, a newcomer
+    /// takes the slot of the oldest connection that is not being answered
+    /// (one still sending its headers, or kept alive and idle); when all
+    /// are being answered it is closed. Lowered at startup to at most a
+    /// quarter of the file descriptor limit (3 per connection).
+    #[arg(long, default_value_t = ListenerLimits::default().max_http_connections, value_parser = at_least_one)]
+    max_http_connections: usize,
+    /// How long an HTTP client gets to send a request's headers, on a new
+    /// connection or the next request on a kept-alive one (e.g. 10s).
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
+    http_header_timeout: Duration,
+    /// How long an HTTP answer waits for a client that does not read it
+    /// before its connection is closed (e.g. 30s).
+    #[arg(long, default_value = "30s", value_parser = positive_duration)]
+    http_idle_timeout: Duration,
+}
+
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("expected at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(err) => Err(format!("expected a whole number of connections: {err}")),
+    }
+}
+
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("expected a positive duration such as 10s".into()),
+        Err(err) => Err(format!("expected a duration such as 10s: {err}")),
+    }
 }
 
 fn parse_namespace(text: &str) -> Result<String, String> {
@@ -480,11 +516,26 @@ struct RolloutFlags {
     collector_image: Option<String>,
     #[arg(long, default_value = "1Gi")]
     collector_storage: String,
+    /// How sidecars connect to the collector. `istio`: mutual TLS with
+    /// their Istio workload certificates (SDS secret `default`), checking
+    /// the collector's certificate against the mesh's root (`ROOTCA`) and
+    /// its --collector host name; the collector must run with --tls-cert,
+    /// --tls-key and --grpc-client-ca (the mesh's root). With
+    /// --with-collector the Deployment does, from the Secret
+    /// dialguard-collector-tls and the ConfigMap istio-ca-root-cert.
+    #[arg(long, value_enum, default_value_t = CollectorMtlsFlag::Off)]
+    collector_mtls: CollectorMtlsFlag,
     /// Print what removes the rollout instead (for `kubectl delete -f -`).
     #[arg(long)]
     uninstall: bool,
     #[arg(long, value_enum, default_value_t = Output::Yaml)]
     output: Output,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CollectorMtlsFlag {
+    Off,
+    Istio,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -549,7 +600,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(flags) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(serve(flags))
+            runtime.block_on(serve(*flags))
         }
         Command::Rollout(flags) => rollout(flags),
         Command::Analyze { file, format } => analyze_file(&file, format),
@@ -558,6 +609,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
+    // First, so that everything opened later counts against the raised
+    // limit; logged after the listening line, which must come first.
+    let fd_limit = dialguard_collector::listener::raise_fd_limit();
     let modules = Modules {
         audit: flags
             .module
@@ -581,6 +635,12 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
             max_vms: flags.max_vms,
             max_clock_skew: flags.max_clock_skew,
             ..Limits::default()
+        },
+        listeners: ListenerLimits {
+            max_grpc_connections: flags.max_grpc_connections,
+            max_http_connections: flags.max_http_connections,
+            http_header_timeout: flags.http_header_timeout,
+            http_idle_timeout: flags.http_idle_timeout,
         },
         expected_namespaces: expected_namespaces(&flags)?,
         forget_stale: flags.forget_stale,
@@ -612,6 +672,12 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
             .transpose()?,
         ..ServeConfig::new(flags.db)
     };
+    // Before anything says it listens: a database that cannot be opened
+    // or migrated stops `serve` here, with the flag named.
+    let db = config.db_path.clone();
+    let collector = Collector::open(config)
+        .with_context(|| format!("--db {}: cannot use the database", db.display()))?;
+    let config = collector.config();
     let (grpc, http) = (flags.grpc, flags.http);
     let grpc = tokio::net::TcpListener::bind(grpc)
         .await
@@ -631,7 +697,21 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
         http.local_addr()?,
         config.db_path.display()
     );
-    warn_if_exposed(&config, grpc.local_addr()?, http.local_addr()?);
+    warn_if_exposed(config, grpc.local_addr()?, http.local_addr()?);
+    match fd_limit {
+        Ok(limit) if limit.soft_before != limit.soft => tracing::info!(
+            "file descriptors: soft limit raised from {} to {} (the hard limit is {})",
+            limit.soft_before,
+            limit.soft,
+            limit.hard
+        ),
+        Ok(limit) => tracing::info!(
+            "file descriptors: soft limit {} (the hard limit is {})",
+            limit.soft,
+            limit.hard
+        ),
+        Err(err) => tracing::warn!("raising the file descriptor limit failed: {err}"),
+    }
     let scheme = if config.tls.is_some() {
         "https"
     } else {
@@ -653,7 +733,7 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
             module.path()
         );
     }
-    dialguard_collector::run(grpc, http, config, shutdown_signal()).await?;
+    collector.serve(grpc, http, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -670,6 +750,9 @@ fn warn_if_exposed(config: &ServeConfig, grpc: SocketAddr, http: SocketAddr) {
                 );
             }
         }
+    }
+    for warning in config.tls.iter().flat_map(TlsConfig::warnings) {
+        eprintln!("dialguard: warning: {warning}");
     }
     if config.http_token.is_none() && !http.ip().is_loopback() {
         eprintln!(
@@ -703,6 +786,10 @@ fn rollout(flags: RolloutFlags) -> anyhow::Result<()> {
         priority: flags.priority,
         wasm_plugin: flags.wasm_plugin,
         collector_manifests,
+        collector_mtls: match flags.collector_mtls {
+            CollectorMtlsFlag::Off => CollectorMtls::Off,
+            CollectorMtlsFlag::Istio => CollectorMtls::Istio,
+        },
     };
     let objects = match flags.uninstall {
         false => rollout::render(&args)?,

@@ -58,6 +58,20 @@ pub struct JudgedLabels {
     pub verdict: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionRefusalLabels {
+    /// `grpc` or `http`.
+    pub listener: String,
+    /// One of `listener::REFUSAL_REASONS`.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `grpc` or `http`.
+    pub listener: String,
+}
+
 /// Namespaces with their own coverage series (sidecars, judged
 /// connections) before the rest fold into `other`; expected namespaces
 /// always get theirs.
@@ -96,6 +110,8 @@ pub struct Metrics {
     /// Held while the coverage gauges are rebuilt and encoded, so that two
     /// scrapes never see each other's half-built families.
     scrape: Arc<Mutex<()>>,
+    pub connections_refused: Family<ConnectionRefusalLabels, Counter>,
+    pub connections_open: Family<ListenerLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -216,6 +232,32 @@ impl Metrics {
                 reason: reason.into(),
             });
         }
+        let connections_refused = Family::<ConnectionRefusalLabels, Counter>::default();
+        let connections_open = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "connections_refused",
+            "Connections a listener refused or closed before serving them, by listener and reason \
+             (full: no free slot; evicted: closed while waiting for its request to make room; \
+             timeout: request headers, a TLS handshake or an unread answer too slow; \
+             handshake: the TLS handshake failed)",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Connections a listener holds now, by listener",
+            connections_open.clone(),
+        );
+        for listener in crate::listener::Listener::ALL {
+            let _ = connections_open.get_or_create(&ListenerLabels {
+                listener: listener.label().into(),
+            });
+            for reason in crate::listener::REFUSAL_REASONS {
+                let _ = connections_refused.get_or_create(&ConnectionRefusalLabels {
+                    listener: listener.label().into(),
+                    reason: reason.into(),
+                });
+            }
+        }
         Self {
             registry: Arc::new(registry),
             events_received,
@@ -239,6 +281,8 @@ impl Metrics {
             judged_series: Arc::new(Mutex::new(HashSet::new())),
             sidecar_namespaces: Arc::new(Mutex::new(HashSet::new())),
             scrape: Arc::new(Mutex::new(())),
+            connections_refused,
+            connections_open,
         }
     }
 

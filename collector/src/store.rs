@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::event::ValidEvent;
 use crate::finding::Cause;
+use crate::health::{StoreHealth, WriteKind};
 use crate::inventory::{Vm, VmKey};
 use crate::metrics::Metrics;
 use crate::sequence::{Admission, Ledger};
@@ -376,23 +377,48 @@ enum Request {
         cutoff_ns: u64,
         reply: Reply<Expired>,
     },
+    /// The writer has been idle: check that it still can write.
+    Probe,
 }
 
 /// How the writer thread behaves under load.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WriterConfig {
     /// Batches that waited longer than this for the writer mean it cannot keep
     /// up: raw rows are then sampled (aggregates stay exact).
     pub overloaded_after: Duration,
+    /// A cap on the database's size in pages (SQLite `max_page_count`),
+    /// applied before each write when it changed. A handle, so that tests
+    /// can make the store full for real (`SQLITE_FULL`) and give it room
+    /// again while it runs.
+    pub max_pages: PageLimit,
 }
 
 impl Default for WriterConfig {
     fn default() -> Self {
         Self {
             overloaded_after: Duration::from_millis(250),
+            max_pages: PageLimit::default(),
         }
     }
 }
+
+/// See [`WriterConfig::max_pages`]; 0 (the default) means no cap.
+#[derive(Debug, Clone, Default)]
+pub struct PageLimit(Arc<std::sync::atomic::AtomicU64>);
+
+impl PageLimit {
+    pub fn set(&self, pages: u64) {
+        self.0.store(pages, std::sync::atomic::Ordering::Release);
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// SQLite's own largest `max_page_count`: no cap.
+const SQLITE_MAX_PAGES: u64 = 4_294_967_294;
 
 /// A batch queued for commit; resolves once it is durable.
 #[derive(Debug)]
@@ -459,11 +485,12 @@ impl Writer {
         conn: Connection,
         config: WriterConfig,
         metrics: Metrics,
+        health: StoreHealth,
     ) -> (Self, thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(1024);
         let handle = thread::Builder::new()
             .name("dialguard-store".into())
-            .spawn(move || WriterThread::new(conn, config, metrics).run(rx))
+            .spawn(move || WriterThread::new(conn, config, metrics, health).run(rx))
             .unwrap_or_else(|err| {
                 // Without a writer thread nothing can be stored: fail loudly at startup.
                 tracing::error!("cannot start the store writer thread: {err}");
@@ -520,6 +547,13 @@ impl Writer {
     /// Writes the inventory's changed VMs (one transaction for all).
     pub async fn save_inventory(&self, vms: Vec<(VmKey, Vm)>) -> Result<(), StoreError> {
         self.ask(|reply| Request::Inventory { vms, reply }).await
+    }
+
+    /// Asks the writer to make a small write, so that its health is known
+    /// while nothing else is written; skipped when the queue is full (it
+    /// is busy writing then).
+    pub fn probe(&self) {
+        let _ = self.tx.try_send(Request::Probe);
     }
 
     /// Deletes events, aggregate rows, directory entries and idle sidecars
@@ -651,16 +685,65 @@ struct WriterThread {
     sampler: Sampler,
     expiring: Option<PendingExpiry>,
     metrics: Metrics,
+    health: StoreHealth,
+    max_pages: PageLimit,
+    /// The `max_page_count` last applied to the connection.
+    applied_max_pages: u64,
+}
+
+impl Drop for WriterThread {
+    // Also when it panics: /readyz must not stay green without a writer.
+    fn drop(&mut self) {
+        if thread::panicking() {
+            tracing::error!("the store's writer thread panicked; nothing can be stored any more");
+        }
+        self.health.stopped();
+    }
 }
 
 impl WriterThread {
-    fn new(conn: Connection, config: WriterConfig, metrics: Metrics) -> Self {
+    fn new(conn: Connection, config: WriterConfig, metrics: Metrics, health: StoreHealth) -> Self {
         Self {
             conn,
             metrics,
             sampler: Sampler::new(config.overloaded_after),
             expiring: None,
+            health,
+            max_pages: config.max_pages,
+            applied_max_pages: 0,
         }
+    }
+
+    /// Runs one write transaction, telling [`StoreHealth`] how it went.
+    fn write<T, E: std::fmt::Display>(
+        &mut self,
+        kind: WriteKind,
+        write: impl FnOnce(&mut Connection) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.health.writing();
+        self.apply_max_pages();
+        let result = write(&mut self.conn);
+        self.health.wrote(kind, result.as_ref().map(|_| ()));
+        result
+    }
+
+    fn apply_max_pages(&mut self) {
+        let wanted = self.max_pages.get();
+        if wanted == self.applied_max_pages {
+            return;
+        }
+        let pages = if wanted == 0 {
+            SQLITE_MAX_PAGES
+        } else {
+            wanted
+        };
+        if let Err(err) = self
+            .conn
+            .pragma_update(None, "max_page_count", as_sql_int(pages))
+        {
+            tracing::error!("setting the store's max_page_count failed: {err}");
+        }
+        self.applied_max_pages = wanted;
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Request>) {
@@ -696,20 +779,25 @@ impl WriterThread {
                     }
                     Request::Seen { sidecar, at_ns } => seen.push((sidecar, at_ns)),
                     Request::Inventory { vms, reply } => {
-                        let saved = save_inventory(&mut self.conn, &vms);
+                        let saved = self.write(WriteKind::Other, |conn| save_inventory(conn, &vms));
                         if let Err(err) = &saved {
                             tracing::error!("saving the sidecar inventory failed: {err}");
                         }
                         let _ = reply.send(saved.map_err(|err| err.to_string()));
                     }
                     Request::Expire { cutoff_ns, reply } => self.start_expiry(cutoff_ns, reply),
+                    Request::Probe => {
+                        if let Err(err) = self.write(WriteKind::Probe, probe) {
+                            tracing::error!("the store's probe write failed: {err}");
+                        }
+                    }
                 }
                 if commits.len() < GROUP_COMMIT_MAX && group_events < GROUP_COMMIT_EVENTS {
                     next = rx.try_recv().ok();
                 }
             }
             if !seen.is_empty() {
-                if let Err(err) = record_seen(&mut self.conn, &seen) {
+                if let Err(err) = self.write(WriteKind::Other, |conn| record_seen(conn, &seen)) {
                     tracing::error!("directory update failed: {err}");
                 }
                 seen.clear();
@@ -731,11 +819,15 @@ impl WriterThread {
             .unwrap_or_default();
         self.sampler.adjust(longest_wait);
         let started = Instant::now();
+        self.health.writing();
+        self.apply_max_pages();
         let result = commit_group(
             &mut self.conn,
             &mut self.sampler,
             commits.iter().map(|c| &c.0),
         );
+        self.health
+            .wrote(WriteKind::Commit, result.as_ref().map(|_| ()));
         let busy = started.elapsed();
         self.sampler.record_busy(busy);
         self.metrics.observe_commit(busy);
@@ -781,7 +873,10 @@ impl WriterThread {
         let Some(mut expiry) = self.expiring.take() else {
             return;
         };
-        match expire_chunk(&mut self.conn, expiry.cutoff_ns, &mut expiry.done) {
+        let cutoff_ns = expiry.cutoff_ns;
+        match self.write(WriteKind::Other, |conn| {
+            expire_chunk(conn, cutoff_ns, &mut expiry.done)
+        }) {
             Ok(true) => {
                 let _ = expiry.reply.send(Ok(expiry.done));
             }
@@ -792,6 +887,20 @@ impl WriterThread {
             }
         }
     }
+}
+
+/// `settings` row: when the idle writer last proved that it can write.
+const PROBED_AT: &str = "store_probed_ns";
+
+/// The idle writer's health check: a small write transaction.
+fn probe(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute(
+        "INSERT INTO settings (name, value) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        params![PROBED_AT, as_sql_int(crate::time::now_unix_nanos())],
+    )?;
+    tx.commit()
 }
 
 fn record_seen(conn: &mut Connection, seen: &[(Arc<Hello>, u64)]) -> rusqlite::Result<()> {

@@ -3,15 +3,12 @@
 //!
 //! The collector terminates TLS itself with rustls rather than through
 //! tonic's and axum's own TLS options: one loader gives the same checks and
-//! flag-naming errors for both listeners, and one acceptor does handshakes
-//! concurrently, each bounded in time, so a client that connects and says
-//! nothing holds no listener up.
+//! flag-naming errors for both listeners, and one accept loop
+//! (`listener.rs`) does handshakes concurrently, each bounded in time, so a
+//! client that connects and says nothing holds no listener up.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
@@ -20,17 +17,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{InconsistentKeys, RootCertStore, ServerConfig};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio_rustls::TlsAcceptor;
-
-/// How long a client gets to complete its handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Most handshakes in progress on one listener; further connections wait in
-/// the kernel's accept queue until one finishes.
-const MAX_PENDING_HANDSHAKES: usize = 256;
 
 /// The PEM files behind `--tls-cert`, `--tls-key` and `--grpc-client-ca`.
 #[derive(Debug, Clone)]
@@ -47,7 +33,11 @@ pub struct TlsConfig {
     grpc: Arc<ServerConfig>,
     http: Arc<ServerConfig>,
     grpc_client_auth: bool,
+    warnings: Vec<String>,
 }
+
+/// The smallest RSA key `--tls-key` may hold, in bits.
+pub const MIN_RSA_BITS: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -69,6 +59,17 @@ pub enum TlsError {
         cert.display()
     )]
     KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error(
+        "--tls-key {}: an RSA key of {bits} bits (the public key of --tls-cert {}); \
+         expected at least {MIN_RSA_BITS} bits",
+        key.display(),
+        cert.display()
+    )]
+    WeakKey {
+        cert: PathBuf,
+        key: PathBuf,
+        bits: usize,
+    },
 }
 
 impl TlsConfig {
@@ -78,6 +79,9 @@ impl TlsConfig {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let chain = read_certificates("--tls-cert", &files.cert)?;
         let key = read_private_key(&files.key)?;
+        // Before the key is loaded: ring refuses a short RSA key with a
+        // message that says neither why nor which flag.
+        let warnings = check_server_certificate(&chain, files)?;
         check_key_matches(&provider, &chain, &key, files)?;
 
         let config = |alpn: &[u8], client_ca: Option<&RootCertStore>| {
@@ -113,7 +117,15 @@ impl TlsConfig {
             grpc: config(b"h2", client_roots.as_ref())?,
             http: config(b"http/1.1", None)?,
             grpc_client_auth: client_roots.is_some(),
+            warnings,
         })
+    }
+
+    /// What is wrong with `--tls-cert` without stopping `serve` (expired,
+    /// not yet valid, SHA-1 signed, a CA certificate), one sentence each
+    /// naming the flag and the file: `serve` prints them as warnings.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Whether gRPC clients must present a certificate (mutual TLS).
@@ -200,6 +212,88 @@ fn read_client_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// Signature algorithms over SHA-1 (RSA, ECDSA, DSA, and the old OIW RSA one):
+/// collisions for SHA-1 are practical, and clients refuse such certificates.
+const SHA1_SIGNATURES: [&str; 4] = [
+    "1.2.840.113549.1.1.5",
+    "1.2.840.10045.4.1",
+    "1.2.840.10040.4.3",
+    "1.3.14.3.2.29",
+];
+
+/// Checks the chain of `--tls-cert`: an RSA key under [`MIN_RSA_BITS`] is
+/// refused; the rest is returned as warnings, because the operator may
+/// know why (a test setup, a certificate about to be replaced) and
+/// clients decide anyway.
+fn check_server_certificate(
+    chain: &[CertificateDer<'static>],
+    files: &TlsFiles,
+) -> Result<Vec<String>, TlsError> {
+    let cert_flag = format!("--tls-cert {}", files.cert.display());
+    let mut warnings = Vec::new();
+    for (index, der) in chain.iter().enumerate() {
+        let (_, certificate) = x509_parser::parse_x509_certificate(der).map_err(|err| {
+            invalid(
+                "--tls-cert",
+                &files.cert,
+                format!("not a valid certificate: {err}"),
+            )
+        })?;
+        let which = if index == 0 {
+            "the certificate".to_string()
+        } else {
+            format!("certificate {} of the chain", index + 1)
+        };
+        let validity = certificate.validity();
+        let now = x509_parser::time::ASN1Time::now();
+        if now > validity.not_after {
+            warnings.push(format!(
+                "{cert_flag}: {which} expired on {}; clients will refuse it",
+                asn1_rfc3339(&validity.not_after)
+            ));
+        } else if now < validity.not_before {
+            warnings.push(format!(
+                "{cert_flag}: {which} is not valid before {}; clients will refuse it until then",
+                asn1_rfc3339(&validity.not_before)
+            ));
+        }
+        let algorithm = certificate.signature_algorithm.algorithm.to_id_string();
+        if SHA1_SIGNATURES.contains(&algorithm.as_str()) {
+            warnings.push(format!(
+                "{cert_flag}: {which} is signed with SHA-1 ({algorithm}), which clients refuse; \
+                 reissue it signed with SHA-256 or better"
+            ));
+        }
+        if index > 0 {
+            continue;
+        }
+        if certificate.is_ca() {
+            warnings.push(format!(
+                "{cert_flag}: the certificate is a CA certificate (basicConstraints CA:true), \
+                 not a server certificate; many clients refuse it as one"
+            ));
+        }
+        if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = certificate.public_key().parsed()
+        {
+            let bits = rsa.key_size();
+            if bits < MIN_RSA_BITS {
+                return Err(TlsError::WeakKey {
+                    cert: files.cert.clone(),
+                    key: files.key.clone(),
+                    bits,
+                });
+            }
+        }
+    }
+    Ok(warnings)
+}
+
+fn asn1_rfc3339(time: &x509_parser::time::ASN1Time) -> String {
+    let seconds = u64::try_from(time.timestamp()).unwrap_or(0);
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(seconds))
+        .to_string()
+}
+
 /// Catches a key and a certificate that do not belong together at startup,
 /// naming the flag at fault, rather than as failed handshakes later.
 fn check_key_matches(
@@ -231,173 +325,5 @@ fn check_key_matches(
             &files.cert,
             format!("not a valid certificate: {err}"),
         )),
-    }
-}
-
-/// A connection whose TLS handshake has completed.
-#[derive(Debug)]
-pub struct TlsConnection {
-    stream: tokio_rustls::server::TlsStream<TcpStream>,
-    local: Option<SocketAddr>,
-    peer: SocketAddr,
-}
-
-impl TlsConnection {
-    pub fn peer_addr(&self) -> SocketAddr {
-        self.peer
-    }
-}
-
-impl AsyncRead for TlsConnection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConnection {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-impl tonic::transport::server::Connected for TlsConnection {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        tonic::transport::server::TcpConnectInfo {
-            local_addr: self.local,
-            remote_addr: Some(self.peer),
-        }
-    }
-}
-
-/// Accepts connections on `listener` until `stop` turns true and yields
-/// those whose handshake succeeds. A failed handshake (no or an untrusted
-/// client certificate, plain text, a timeout) closes that connection only,
-/// before anything it sent reaches the server.
-pub fn accept(
-    listener: TcpListener,
-    config: Arc<ServerConfig>,
-    mut stop: watch::Receiver<bool>,
-) -> mpsc::Receiver<TlsConnection> {
-    let (established, rx) = mpsc::channel(16);
-    let acceptor = TlsAcceptor::from(config);
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
-    tokio::spawn(async move {
-        let stopping = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        let mut stopping = std::pin::pin!(stopping);
-        loop {
-            let permit = tokio::select! {
-                () = &mut stopping => return,
-                permit = pending.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-            };
-            let (tcp, peer) = tokio::select! {
-                () = &mut stopping => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) => {
-                        // Out of file descriptors and the like: pause rather than spin.
-                        tracing::warn!("accepting a connection failed: {err}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let local = tcp.local_addr().ok();
-            let acceptor = acceptor.clone();
-            let established = established.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let connection = TlsConnection {
-                            stream,
-                            local,
-                            peer,
-                        };
-                        let _ = established.send(connection).await;
-                    }
-                    Ok(Err(err)) => tracing::info!("TLS handshake with {peer} failed: {err}"),
-                    Err(_) => tracing::info!(
-                        "TLS handshake with {peer} not done after {HANDSHAKE_TIMEOUT:?}; closed"
-                    ),
-                }
-            });
-        }
-    });
-    rx
-}
-
-/// [`accept`] as a listener for `axum::serve`.
-#[derive(Debug)]
-pub struct TlsListener {
-    established: mpsc::Receiver<TlsConnection>,
-    local_addr: SocketAddr,
-}
-
-impl TlsListener {
-    pub fn new(
-        listener: TcpListener,
-        config: Arc<ServerConfig>,
-        stop: watch::Receiver<bool>,
-    ) -> std::io::Result<Self> {
-        let local_addr = listener.local_addr()?;
-        Ok(Self {
-            established: accept(listener, config, stop),
-            local_addr,
-        })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsConnection;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.established.recv().await {
-            Some(connection) => {
-                let peer = connection.peer_addr();
-                (connection, peer)
-            }
-            // Accepting has stopped (shutdown): axum's graceful shutdown ends the server.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local_addr)
     }
 }

@@ -20,7 +20,7 @@ use dialguard_collector::tls::{TlsConfig, TlsFiles};
 use dialguard_proto::v1::collector_client::CollectorClient;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -55,16 +55,9 @@ impl Pki {
             ExtendedKeyUsagePurpose::ServerAuth,
             &ca_issuer,
         );
-        let client = leaf(
-            &["sidecar.bookinfo"],
-            ExtendedKeyUsagePurpose::ClientAuth,
-            &ca_issuer,
-        );
-        let stranger = leaf(
-            &["sidecar.bookinfo"],
-            ExtendedKeyUsagePurpose::ClientAuth,
-            &other_issuer,
-        );
+        // Istio workload certificates of the namespace the test hellos name.
+        let client = workload(WORKLOAD_ID, &ca_issuer);
+        let stranger = workload(WORKLOAD_ID, &other_issuer);
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = Self {
             dir: dir.path().to_owned(),
@@ -114,6 +107,22 @@ fn new_ca(name: &str) -> (Pem, CertifiedIssuer<'static, KeyPair>) {
         key: key_pem,
     };
     (pem, issuer)
+}
+
+/// The SPIFFE ID of the test client certificates: namespace `bookinfo`,
+/// as `hello()` says.
+const WORKLOAD_ID: &str = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews";
+
+fn workload(uri: &str, issuer: &CertifiedIssuer<'static, KeyPair>) -> Pem {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("workload params");
+    params.subject_alt_names = vec![SanType::URI(uri.try_into().expect("an IA5 URI"))];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().expect("workload key");
+    let cert = params.signed_by(&key, issuer).expect("sign the workload");
+    Pem {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    }
 }
 
 fn leaf(

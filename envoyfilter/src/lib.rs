@@ -93,6 +93,66 @@ pub fn collector_cluster(name: &str, host: &str, port: u16) -> Value {
     cluster
 }
 
+/// The name of the SDS cluster in Istio's sidecar bootstrap, through which
+/// istio-agent serves the workload certificate and the mesh's root.
+pub const ISTIO_SDS_CLUSTER: &str = "sds-grpc";
+/// Istio's SDS secret holding the workload certificate and key.
+pub const ISTIO_WORKLOAD_SECRET: &str = "default";
+/// Istio's SDS secret holding the mesh's root certificate(s).
+pub const ISTIO_ROOT_SECRET: &str = "ROOTCA";
+
+/// An SDS secret from istio-agent, configured as Istio configures its own
+/// (`pkg/model.ConstructSdsSecretConfig`; the sidecar listeners in
+/// `shared/testdata/istio/sidecar-listeners-configdump.json` show it).
+fn istio_sds_secret(name: &str) -> Value {
+    json!({
+        "name": name,
+        "sds_config": {
+            "api_config_source": {
+                "api_type": "GRPC",
+                "grpc_services": [{ "envoy_grpc": { "cluster_name": ISTIO_SDS_CLUSTER } }],
+                "set_node_on_first_message_only": true,
+                "transport_api_version": "V3",
+            },
+            "initial_fetch_timeout": "0s",
+            "resource_api_version": "V3",
+        },
+    })
+}
+
+/// The `transport_socket` that makes a sidecar's cluster to the collector
+/// mutual TLS with Istio's own certificates: the workload certificate
+/// (whose SPIFFE ID names the pod's namespace and service account) as the
+/// client certificate, and the mesh's root to verify the collector, whose
+/// certificate must name `host` (as DNS name, or IP address for a literal).
+pub fn istio_mtls_transport_socket(host: &str) -> Value {
+    let san_type = if host.parse::<std::net::IpAddr>().is_ok() {
+        "IP_ADDRESS"
+    } else {
+        "DNS"
+    };
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": host,
+            "common_tls_context": {
+                // The collector's gRPC listener speaks only h2.
+                "alpn_protocols": ["h2"],
+                "tls_certificate_sds_secret_configs": [istio_sds_secret(ISTIO_WORKLOAD_SECRET)],
+                "combined_validation_context": {
+                    "default_validation_context": {
+                        "match_typed_subject_alt_names": [
+                            { "san_type": san_type, "matcher": { "exact": host } }
+                        ],
+                    },
+                    "validation_context_sds_secret_config": istio_sds_secret(ISTIO_ROOT_SECRET),
+                },
+            },
+        }
+    })
+}
+
 /// A plain HTTP/1.1 (or TLS, for `https` module URLs) cluster from which Envoy
 /// fetches the module.
 pub fn module_cluster(name: &str, host: &str, port: u16, tls: bool) -> Value {

@@ -17,7 +17,9 @@ use dialguard_filter_core::{Cidr, FilterConfig};
 use serde_json::{Value, json};
 
 use crate::module::{self, AUDIT_MODULE_FILE, Build, ENFORCE_MODULE_FILE};
-use crate::{ModuleSource, collector_cluster, module_cluster, network_filter};
+use crate::{
+    ModuleSource, collector_cluster, istio_mtls_transport_socket, module_cluster, network_filter,
+};
 
 /// The Envoy cluster the filter streams events through.
 pub const COLLECTOR_CLUSTER: &str = "dialguard_collector";
@@ -62,7 +64,31 @@ pub struct RolloutArgs {
     pub wasm_plugin: bool,
     /// Also render the collector's Deployment, Service and PVC.
     pub collector_manifests: Option<CollectorManifests>,
+    /// How the sidecars' collector cluster is secured (`--collector-mtls`).
+    pub collector_mtls: CollectorMtls,
 }
+
+/// `--collector-mtls`: how sidecars connect to the collector.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CollectorMtls {
+    /// Plain text (HTTP/2 without TLS).
+    #[default]
+    Off,
+    /// Mutual TLS with Istio's workload certificate and the mesh's root,
+    /// both from istio-agent over SDS; the collector runs with
+    /// `--tls-cert/--tls-key` and `--grpc-client-ca` set to the mesh's root.
+    Istio,
+}
+
+/// The Secret (`kubernetes.io/tls`) `--with-collector --collector-mtls
+/// istio` mounts as the collector's server certificate: the cluster
+/// operator provides it, issued under the mesh's root for the collector's
+/// Service name.
+pub const COLLECTOR_TLS_SECRET: &str = "dialguard-collector-tls";
+/// The ConfigMap istiod keeps in every namespace with the mesh's root certificate.
+pub const ISTIO_ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
+const COLLECTOR_TLS_DIR: &str = "/etc/dialguard/tls";
+const ISTIO_ROOT_DIR: &str = "/etc/dialguard/istio-ca";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CollectorManifests {
@@ -87,6 +113,7 @@ impl Default for RolloutArgs {
             priority: 10,
             wasm_plugin: false,
             collector_manifests: None,
+            collector_mtls: CollectorMtls::Off,
         }
     }
 }
@@ -124,6 +151,7 @@ struct Plan {
     priority: i32,
     wasm_plugin: bool,
     collector_manifests: Option<CollectorManifests>,
+    collector_mtls: CollectorMtls,
 }
 
 /// A DNS-1123 label, as Kubernetes requires of namespace names.
@@ -308,7 +336,12 @@ fn resolve_module(args: &RolloutArgs) -> Result<ResolvedModule, RolloutError> {
             } else {
                 Build::Audit
             });
-            in_cluster_module_url(&c.namespace, build)
+            // The collector's HTTP listener has TLS too when its gRPC does.
+            module_url(
+                &c.namespace,
+                build,
+                args.collector_mtls == CollectorMtls::Istio,
+            )
         }
         (None, None) => {
             return Err(invalid(
@@ -451,6 +484,7 @@ fn plan(args: &RolloutArgs) -> Result<Plan, RolloutError> {
         priority: args.priority,
         wasm_plugin: args.wasm_plugin,
         collector_manifests: args.collector_manifests.clone(),
+        collector_mtls: args.collector_mtls,
     })
 }
 
@@ -501,11 +535,12 @@ impl Plan {
     }
 
     fn collector_cluster_patch(&self) -> Value {
-        Self::add_cluster(collector_cluster(
-            COLLECTOR_CLUSTER,
-            &self.collector_host,
-            self.collector_port,
-        ))
+        let mut cluster =
+            collector_cluster(COLLECTOR_CLUSTER, &self.collector_host, self.collector_port);
+        if self.collector_mtls == CollectorMtls::Istio {
+            cluster["transport_socket"] = istio_mtls_transport_socket(&self.collector_host);
+        }
+        Self::add_cluster(cluster)
     }
 
     fn for_namespace(&self, namespace: &str) -> Vec<Value> {
@@ -562,6 +597,57 @@ impl Plan {
         let selector = json!({ "app.kubernetes.io/name": "dialguard", "app.kubernetes.io/component": "collector" });
         let expected: String = self.namespaces.iter().map(|n| format!("{n}\n")).collect();
         let expected_file = format!("{EXPECTED_NAMESPACES_DIR}/{EXPECTED_NAMESPACES_KEY}");
+        let mut args = vec![
+            "serve".to_string(),
+            "--grpc".into(),
+            format!("0.0.0.0:{COLLECTOR_GRPC_PORT}"),
+            "--http".into(),
+            format!("0.0.0.0:{COLLECTOR_HTTP_PORT}"),
+            "--db".into(),
+            "/var/lib/dialguard/dialguard.db".into(),
+            "--module".into(),
+            format!("{IMAGE_MODULE_DIR}/{AUDIT_MODULE_FILE}"),
+            "--enforce-module".into(),
+            format!("{IMAGE_MODULE_DIR}/{ENFORCE_MODULE_FILE}"),
+            "--expect-namespaces-file".into(),
+            expected_file,
+        ];
+        let mut mounts = vec![
+            json!({ "name": "db", "mountPath": "/var/lib/dialguard" }),
+            // A directory, not a subPath: kubelet keeps it current when
+            // the ConfigMap changes.
+            json!({ "name": "expected-namespaces", "mountPath": EXPECTED_NAMESPACES_DIR, "readOnly": true }),
+        ];
+        let mut volumes = vec![
+            json!({ "name": "db", "persistentVolumeClaim": { "claimName": format!("{name}-db") } }),
+            json!({ "name": "expected-namespaces", "configMap": { "name": EXPECTED_NAMESPACES_CONFIGMAP } }),
+        ];
+        let tls = self.collector_mtls == CollectorMtls::Istio;
+        if tls {
+            args.extend([
+                "--tls-cert".to_string(),
+                format!("{COLLECTOR_TLS_DIR}/tls.crt"),
+                "--tls-key".into(),
+                format!("{COLLECTOR_TLS_DIR}/tls.key"),
+                // Sidecars present their Istio workload certificates.
+                "--grpc-client-ca".into(),
+                format!("{ISTIO_ROOT_DIR}/root-cert.pem"),
+            ]);
+            mounts.push(json!({ "name": "tls", "mountPath": COLLECTOR_TLS_DIR, "readOnly": true }));
+            mounts
+                .push(json!({ "name": "istio-ca", "mountPath": ISTIO_ROOT_DIR, "readOnly": true }));
+            volumes
+                .push(json!({ "name": "tls", "secret": { "secretName": COLLECTOR_TLS_SECRET } }));
+            volumes
+                .push(json!({ "name": "istio-ca", "configMap": { "name": ISTIO_ROOT_CONFIGMAP } }));
+        }
+        let probe = |path: &str| {
+            let mut get = json!({ "path": path, "port": COLLECTOR_HTTP_PORT });
+            if tls {
+                get["scheme"] = json!("HTTPS");
+            }
+            json!({ "httpGet": get })
+        };
         vec![
             json!({
                 "apiVersion": "v1",
@@ -602,31 +688,18 @@ impl Plan {
                             "containers": [{
                                 "name": "collector",
                                 "image": c.image,
-                                "args": [
-                                    "serve",
-                                    "--grpc", format!("0.0.0.0:{COLLECTOR_GRPC_PORT}"),
-                                    "--http", format!("0.0.0.0:{COLLECTOR_HTTP_PORT}"),
-                                    "--db", "/var/lib/dialguard/dialguard.db",
-                                    "--module", format!("{IMAGE_MODULE_DIR}/{AUDIT_MODULE_FILE}"),
-                                    "--enforce-module", format!("{IMAGE_MODULE_DIR}/{ENFORCE_MODULE_FILE}"),
-                                    "--expect-namespaces-file", expected_file,
-                                ],
+                                "args": args,
                                 "ports": [
                                     { "name": "grpc-ingest", "containerPort": COLLECTOR_GRPC_PORT },
                                     { "name": "http-api", "containerPort": COLLECTOR_HTTP_PORT },
                                 ],
-                                "readinessProbe": { "httpGet": { "path": "/healthz", "port": COLLECTOR_HTTP_PORT } },
-                                "volumeMounts": [
-                                    { "name": "db", "mountPath": "/var/lib/dialguard" },
-                                    // A directory, not a subPath: kubelet keeps
-                                    // it current when the ConfigMap changes.
-                                    { "name": "expected-namespaces", "mountPath": EXPECTED_NAMESPACES_DIR, "readOnly": true },
-                                ],
+                                // Ready while the store can write; alive while the
+                                // process answers (a full disk is not cured by a restart).
+                                "readinessProbe": probe("/readyz"),
+                                "livenessProbe": probe("/healthz"),
+                                "volumeMounts": mounts,
                             }],
-                            "volumes": [
-                                { "name": "db", "persistentVolumeClaim": { "claimName": format!("{name}-db") } },
-                                { "name": "expected-namespaces", "configMap": { "name": EXPECTED_NAMESPACES_CONFIGMAP } },
-                            ],
+                            "volumes": volumes,
                         },
                     },
                 },
@@ -679,8 +752,13 @@ pub fn uninstall(args: &RolloutArgs) -> Result<Vec<Value>, RolloutError> {
 
 /// Where the collector that `--with-collector` deploys serves `build`.
 pub fn in_cluster_module_url(namespace: &str, build: Build) -> String {
+    module_url(namespace, build, false)
+}
+
+fn module_url(namespace: &str, build: Build, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
     format!(
-        "http://dialguard-collector.{namespace}.svc.cluster.local:{COLLECTOR_HTTP_PORT}/module/{}",
+        "{scheme}://dialguard-collector.{namespace}.svc.cluster.local:{COLLECTOR_HTTP_PORT}/module/{}",
         build.file_name()
     )
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use dialguard_envoyfilter::module::{self, Build};
-use dialguard_envoyfilter::rollout::{self, CollectorManifests, RolloutArgs};
+use dialguard_envoyfilter::rollout::{self, CollectorManifests, CollectorMtls, RolloutArgs};
 use serde_json::{Value, json};
 
 const CRDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/istio-crds");
@@ -236,6 +236,16 @@ fn collector_manifests_and_uninstall() {
             .any(|p| p["name"].as_str().is_some_and(|n| n.starts_with("grpc-")))
     );
     assert_eq!(objects[2]["spec"]["replicas"], 1);
+    // Ready while the store can write; alive while the process answers.
+    let container = &objects[2]["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["readinessProbe"],
+        json!({ "httpGet": { "path": "/readyz", "port": 8080 } })
+    );
+    assert_eq!(
+        container["livenessProbe"],
+        json!({ "httpGet": { "path": "/healthz", "port": 8080 } })
+    );
 
     let removal = rollout::uninstall(&with_collector).expect("renders");
     let removed: Vec<(&str, &str)> = removal
@@ -699,5 +709,218 @@ fn the_collector_is_told_which_namespaces_to_expect() {
     assert_ne!(
         annotation(&rollout::render(&rolled).expect("renders")),
         before
+    );
+}
+
+// ---------------------------------------------------------------------------
+// --collector-mtls istio
+// ---------------------------------------------------------------------------
+
+/// The `dialguard_collector` cluster of a namespace's EnvoyFilter.
+fn collector_cluster_of(envoy_filter: &Value) -> Value {
+    envoy_filter["spec"]["configPatches"]
+        .as_array()
+        .expect("patches")
+        .iter()
+        .map(|patch| &patch["patch"]["value"])
+        .find(|value| value["name"] == rollout::COLLECTOR_CLUSTER)
+        .cloned()
+        .expect("the collector cluster patch")
+}
+
+/// The first `sds_config` Istio itself renders for its SDS secrets, from a
+/// real sidecar's config dump (shared/testdata/istio).
+fn istio_sds_config() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/testdata/istio/sidecar-listeners-configdump.json"
+    );
+    let dump: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("Istio's config dump"))
+            .expect("JSON");
+    fn find(value: &Value) -> Option<Value> {
+        match value {
+            Value::Object(map) => map
+                .get("tls_certificate_sds_secret_configs")
+                .and_then(|configs| configs[0].get("sds_config").cloned())
+                .or_else(|| map.values().find_map(find)),
+            Value::Array(items) => items.iter().find_map(find),
+            _ => None,
+        }
+    }
+    find(&dump).expect("an SDS secret config in Istio's dump")
+}
+
+#[test]
+fn collector_mtls_istio_uses_the_workload_certificate_and_mesh_root_from_sds() {
+    let objects = rollout::render(&RolloutArgs {
+        collector_mtls: CollectorMtls::Istio,
+        ..args()
+    })
+    .expect("renders");
+    assert_valid(&objects);
+    let host = "dialguard-collector.dialguard.svc.cluster.local";
+    for envoy_filter in &objects {
+        let cluster = collector_cluster_of(envoy_filter);
+        let socket = &cluster["transport_socket"];
+        assert_eq!(socket["name"], "envoy.transport_sockets.tls");
+        let tls = &socket["typed_config"];
+        assert_eq!(
+            tls["@type"],
+            "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+        );
+        assert_eq!(tls["sni"], host);
+        let common = &tls["common_tls_context"];
+        assert_eq!(common["alpn_protocols"], json!(["h2"]));
+        let certificate = &common["tls_certificate_sds_secret_configs"][0];
+        let root = &common["combined_validation_context"]["validation_context_sds_secret_config"];
+        assert_eq!(certificate["name"], "default");
+        assert_eq!(root["name"], "ROOTCA");
+        // Exactly how Istio configures its own SDS secrets.
+        let istio = istio_sds_config();
+        assert_eq!(certificate["sds_config"], istio, "workload certificate");
+        assert_eq!(root["sds_config"], istio, "mesh root");
+        assert_eq!(
+            common["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"],
+            json!([{ "san_type": "DNS", "matcher": { "exact": host } }])
+        );
+    }
+    // Off (the default): plain text, as before.
+    let plain = rollout::render(&args()).expect("renders");
+    assert!(
+        collector_cluster_of(&plain[0])
+            .get("transport_socket")
+            .is_none()
+    );
+}
+
+/// Envoy 1.40 itself (dist/envoy, `--mode validate`) accepts the rendered
+/// cluster beside an `sds-grpc` cluster like Istio's bootstrap has.
+#[test]
+fn envoy_accepts_the_istio_mtls_collector_cluster() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir =
+        std::env::var_os("DIALGUARD_DIST").map_or_else(|| root.join("dist"), |d| root.join(d));
+    let envoy = dir.join("envoy");
+    assert!(
+        envoy.exists(),
+        "{} is missing: run `cargo xtask dist` first",
+        envoy.display()
+    );
+    let objects = rollout::render(&RolloutArgs {
+        collector_mtls: CollectorMtls::Istio,
+        collector: "10.96.0.50:50051".into(),
+        ..args()
+    })
+    .expect("renders");
+    let cluster = collector_cluster_of(&objects[0]);
+    // An IP literal is matched as an IP SAN.
+    assert_eq!(
+        cluster["transport_socket"]["typed_config"]["common_tls_context"]["combined_validation_context"]
+            ["default_validation_context"]["match_typed_subject_alt_names"][0]["san_type"],
+        "IP_ADDRESS"
+    );
+    let temp = tempfile::tempdir().expect("tempdir");
+    let sds = json!({
+        "name": "sds-grpc",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": { "http2_protocol_options": {} }
+            }
+        },
+        "load_assignment": { "cluster_name": "sds-grpc", "endpoints": [{ "lb_endpoints": [{ "endpoint": {
+            "address": { "pipe": { "path": temp.path().join("sds.sock") } }
+        }}]}]},
+    });
+    let bootstrap = |cluster: &Value| {
+        let path = temp.path().join("bootstrap.json");
+        let text = json!({
+            "node": { "id": "sidecar~10.244.0.9~manager-0.manager~manager.svc.cluster.local", "cluster": "manager" },
+            "static_resources": { "clusters": [sds.clone(), cluster.clone()] },
+        });
+        std::fs::write(&path, text.to_string()).expect("write the bootstrap");
+        let output = Command::new(&envoy)
+            .args(["--mode", "validate", "--log-level", "warn", "-c"])
+            .arg(&path)
+            .output()
+            .expect("run envoy --mode validate");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (ok, output) = bootstrap(&cluster);
+    assert!(ok, "Envoy refused the cluster: {output}");
+    // The check has teeth: a misspelt field is refused.
+    let mut broken = cluster.clone();
+    broken["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificate_sds_secret_config"] =
+        json!([]);
+    let (ok, output) = bootstrap(&broken);
+    assert!(
+        !ok && output.contains("tls_certificate_sds_secret_config"),
+        "{output}"
+    );
+}
+
+#[test]
+fn the_collector_deployed_with_istio_mtls_serves_tls_and_trusts_the_mesh_root() {
+    let objects = rollout::render(&RolloutArgs {
+        collector_mtls: CollectorMtls::Istio,
+        collector_manifests: Some(with_collector()),
+        module_url: None,
+        ..args()
+    })
+    .expect("renders");
+    assert_valid(&objects);
+    let deployment = objects
+        .iter()
+        .find(|o| o["kind"] == "Deployment")
+        .expect("the Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| *a == name)
+            .map(|at| args[at + 1])
+            .unwrap_or_else(|| panic!("{name} missing from {args:?}"))
+    };
+    assert_eq!(flag("--tls-cert"), "/etc/dialguard/tls/tls.crt");
+    assert_eq!(flag("--tls-key"), "/etc/dialguard/tls/tls.key");
+    assert_eq!(
+        flag("--grpc-client-ca"),
+        "/etc/dialguard/istio-ca/root-cert.pem"
+    );
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    assert!(volumes.contains(
+        &json!({ "name": "tls", "secret": { "secretName": "dialguard-collector-tls" } })
+    ));
+    assert!(
+        volumes.contains(
+            &json!({ "name": "istio-ca", "configMap": { "name": "istio-ca-root-cert" } })
+        )
+    );
+    // Probes and the module download speak TLS too (one certificate for both listeners).
+    assert_eq!(container["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
+    assert_eq!(container["livenessProbe"]["httpGet"]["scheme"], "HTTPS");
+    let envoy_filter = objects
+        .iter()
+        .find(|o| o["kind"] == "EnvoyFilter")
+        .expect("an EnvoyFilter");
+    let code = &envoy_filter["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["config"]
+        ["vm_config"]["code"]["remote"]["http_uri"]["uri"];
+    assert!(
+        code.as_str()
+            .is_some_and(|uri| uri.starts_with("https://dialguard-collector.dialguard.svc")),
+        "{code}"
     );
 }

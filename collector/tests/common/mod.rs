@@ -77,6 +77,7 @@ impl Server {
         Self::start_with(ServeConfig {
             writer: dialguard_collector::store::WriterConfig {
                 overloaded_after: Duration::ZERO,
+                ..Default::default()
             },
             ..test_config(db)
         })
