@@ -751,15 +751,8 @@ impl Bench<'_> {
         let url = format!("http://{}/api/v1/report", collector.http);
         let mut http = Vec::new();
         for _ in 0..self.options.report_runs {
-            let started = Instant::now();
-            let body = ureq::get(&url)
-                .call()
-                .with_context(|| format!("GET {url}"))?
-                .body_mut()
-                .with_config()
-                .limit(1 << 30)
-                .read_to_vec()?;
-            http.push(started.elapsed());
+            let (body, took) = timed_get(&url)?;
+            http.push(took);
             ensure!(!body.is_empty(), "GET {url}: empty body");
         }
         Ok(ReportResult {

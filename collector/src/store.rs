@@ -1621,17 +1621,24 @@ fn directory_entry(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Di
 mod tests {
     use super::*;
 
+    /// A database as a collector of schema `version` left it, empty.
+    fn database_at_version(version: usize) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join(format!("v{version}.db"));
+        let conn = Connection::open(&path).expect("create");
+        for migration in &MIGRATIONS[..version] {
+            conn.execute_batch(migration).expect("old migration");
+        }
+        conn.pragma_update(None, "user_version", version as i64)
+            .expect("version");
+        (dir, path)
+    }
+
     #[test]
     fn rows_stored_before_causes_get_the_cause_their_row_supports() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("old.db");
+        let (_dir, path) = database_at_version(4);
         {
-            let conn = Connection::open(&path).expect("create");
-            for migration in &MIGRATIONS[..4] {
-                conn.execute_batch(migration).expect("old migration");
-            }
-            conn.pragma_update(None, "user_version", 4)
-                .expect("version");
+            let conn = Connection::open(&path).expect("open");
             let mut insert = conn
                 .prepare(
                     "INSERT INTO aggregates (source_workload, source_namespace,
@@ -1684,15 +1691,9 @@ mod tests {
 
     #[test]
     fn a_version_5_database_gains_the_inventory_and_keeps_its_sidecars() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("v5.db");
+        let (_dir, path) = database_at_version(5);
         {
-            let conn = Connection::open(&path).expect("create");
-            for migration in &MIGRATIONS[..5] {
-                conn.execute_batch(migration).expect("old migration");
-            }
-            conn.pragma_update(None, "user_version", 5)
-                .expect("version");
+            let conn = Connection::open(&path).expect("open");
             conn.execute(
                 "INSERT INTO sidecars (node_id, vm_instance, pod_name, namespace, workload_name,
                     instance_ips, cluster_id, istio_version, filter_version, first_seen_ns,
@@ -1755,15 +1756,9 @@ mod tests {
 
     #[test]
     fn a_version_6_database_keeps_its_directory_once_per_pod() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("v6.db");
+        let (_dir, path) = database_at_version(6);
         {
-            let conn = Connection::open(&path).expect("create");
-            for migration in &MIGRATIONS[..6] {
-                conn.execute_batch(migration).expect("old migration");
-            }
-            conn.pragma_update(None, "user_version", 6)
-                .expect("version");
+            let conn = Connection::open(&path).expect("open");
             let mut insert = conn
                 .prepare(
                     "INSERT INTO directory (ip, pod_name, namespace, workload_name, node_id,

@@ -8,7 +8,6 @@ mod common;
 #[path = "common/pki.rs"]
 mod pki;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -210,7 +209,16 @@ fn doubtful_server_certificates_load_with_a_warning_naming_flag_and_file() {
 
     // Through the binary: a warning line after the listening line.
     let lines = serve_lines_until(
-        &["--tls-cert", arg(&expired.0), "--tls-key", arg(&expired.1)],
+        &[
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--tls-cert",
+            arg(&expired.0),
+            "--tls-key",
+            arg(&expired.1),
+        ],
         "expired on",
     );
     assert!(lines[0].contains("listening"), "{lines:#?}");
@@ -247,43 +255,4 @@ fn an_rsa_key_under_2048_bits_is_refused_naming_tls_key_size_and_minimum() {
 
 fn arg(path: &Path) -> &str {
     path.to_str().expect("UTF-8 temp path")
-}
-
-/// `dialguard serve` on loopback with `args`; its stderr lines up to and
-/// including the first containing `until`, then killed (by its PID).
-fn serve_lines_until(args: &[&str], until: &str) -> Vec<String> {
-    let (_dir, db) = temp_db();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dialguard"))
-        .args(["serve", "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .arg("--db")
-        .arg(&db)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start dialguard serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let until_owned = until.to_owned();
-    std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let done = line.contains(&until_owned);
-            lines.push(line);
-            if done {
-                break;
-            }
-        }
-        let _ = tx.send(lines);
-    });
-    let lines = rx.recv_timeout(WAIT);
-    let _ = child.kill();
-    let _ = child.wait();
-    let lines = lines.unwrap_or_else(|_| panic!("no {until:?} within {WAIT:?}"));
-    assert!(
-        lines.iter().any(|line| line.contains(until)),
-        "serve {args:?} ended without {until:?}: {lines:#?}"
-    );
-    lines
 }

@@ -6,8 +6,9 @@
 //! an unrelated CA.
 
 mod common;
+#[path = "common/pki.rs"]
+mod pki;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,10 +19,7 @@ use dialguard_collector::ServeConfig;
 use dialguard_collector::auth::HttpToken;
 use dialguard_collector::tls::{TlsConfig, TlsFiles};
 use dialguard_proto::v1::collector_client::CollectorClient;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
-};
+use pki::{Ca, Files, Pem};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 const TOKEN: &str = "t0ken-for-tests";
@@ -30,58 +28,42 @@ const TOKEN: &str = "t0ken-for-tests";
 // Certificates
 // ---------------------------------------------------------------------------
 
-/// A certificate and its key, as PEM.
-struct Pem {
-    cert: String,
-    key: String,
-}
-
 struct Pki {
-    _dir: tempfile::TempDir,
-    dir: PathBuf,
+    files: Files,
     ca: Pem,
-    server: Pem,
     client: Pem,
     /// Issued by a CA the server does not trust.
     stranger: Pem,
 }
 
+/// The SPIFFE ID of the test client certificates: namespace `bookinfo`,
+/// as `hello()` says.
+const WORKLOAD_ID: &str = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews";
+
 impl Pki {
     fn new() -> Self {
-        let (ca_pem, ca_issuer) = new_ca("dialguard test CA");
-        let (_, other_issuer) = new_ca("some other CA");
-        let server = leaf(
-            &["localhost", "127.0.0.1"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-            &ca_issuer,
-        );
+        let ca = Ca::new("dialguard test CA");
+        let other = Ca::new("some other CA");
+        let files = Files::new();
+        files.write("ca.pem", &ca.pem.cert);
+        files.write_pair("server", &ca.server());
         // Istio workload certificates of the namespace the test hellos name.
-        let client = workload(WORKLOAD_ID, &ca_issuer);
-        let stranger = workload(WORKLOAD_ID, &other_issuer);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let pki = Self {
-            dir: dir.path().to_owned(),
-            _dir: dir,
-            ca: ca_pem,
-            server,
+        let client = ca.workload(WORKLOAD_ID);
+        files.write("client.key", &client.key);
+        Self {
+            files,
+            ca: ca.pem,
             client,
-            stranger,
-        };
-        pki.write("ca.pem", &pki.ca.cert);
-        pki.write("server.pem", &pki.server.cert);
-        pki.write("server.key", &pki.server.key);
-        pki.write("client.key", &pki.client.key);
-        pki
+            stranger: other.workload(WORKLOAD_ID),
+        }
     }
 
     fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.dir.join(name);
-        std::fs::write(&path, text).expect("write a PEM file");
-        path
+        self.files.write(name, text)
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        self.files.path(name)
     }
 
     fn tls(&self, client_ca: bool) -> TlsConfig {
@@ -91,56 +73,6 @@ impl Pki {
             grpc_client_ca: client_ca.then(|| self.path("ca.pem")),
         })
         .expect("load the test certificates")
-    }
-}
-
-fn new_ca(name: &str) -> (Pem, CertifiedIssuer<'static, KeyPair>) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let key = KeyPair::generate().expect("CA key");
-    let key_pem = key.serialize_pem();
-    let issuer = CertifiedIssuer::self_signed(params, key).expect("self-sign the CA");
-    let pem = Pem {
-        cert: issuer.pem(),
-        key: key_pem,
-    };
-    (pem, issuer)
-}
-
-/// The SPIFFE ID of the test client certificates: namespace `bookinfo`,
-/// as `hello()` says.
-const WORKLOAD_ID: &str = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews";
-
-fn workload(uri: &str, issuer: &CertifiedIssuer<'static, KeyPair>) -> Pem {
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("workload params");
-    params.subject_alt_names = vec![SanType::URI(uri.try_into().expect("an IA5 URI"))];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate().expect("workload key");
-    let cert = params.signed_by(&key, issuer).expect("sign the workload");
-    Pem {
-        cert: cert.pem(),
-        key: key.serialize_pem(),
-    }
-}
-
-fn leaf(
-    names: &[&str],
-    usage: ExtendedKeyUsagePurpose,
-    issuer: &CertifiedIssuer<'static, KeyPair>,
-) -> Pem {
-    let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
-    let mut params = CertificateParams::new(names.clone()).expect("leaf params");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, names[0].as_str());
-    params.extended_key_usages = vec![usage];
-    let key = KeyPair::generate().expect("leaf key");
-    let cert = params.signed_by(&key, issuer).expect("sign the leaf");
-    Pem {
-        cert: cert.pem(),
-        key: key.serialize_pem(),
     }
 }
 
@@ -508,45 +440,6 @@ fn bad_tls_flags_name_the_flag_and_the_problem() {
             "serve {args:?} started listening: {stderr}"
         );
     }
-}
-
-/// `dialguard serve` with `args` (its own --grpc/--http); the stderr lines
-/// up to and including the first that contains `until`, then killed.
-fn serve_lines_until(args: &[&str], until: &str) -> Vec<String> {
-    let (_dir, db) = temp_db();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dialguard"))
-        .arg("serve")
-        .arg("--db")
-        .arg(&db)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start dialguard serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let until_owned = until.to_owned();
-    std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let done = line.contains(&until_owned);
-            lines.push(line);
-            if done {
-                break;
-            }
-        }
-        let _ = tx.send(lines);
-    });
-    let lines = rx.recv_timeout(WAIT);
-    let _ = child.kill();
-    let _ = child.wait();
-    let lines = lines.unwrap_or_else(|_| panic!("no {until:?} within {WAIT:?}"));
-    assert!(
-        lines.iter().any(|line| line.contains(until)),
-        "serve {args:?} ended without {until:?}: {lines:#?}"
-    );
-    lines
 }
 
 #[test]

@@ -644,23 +644,9 @@ fn the_collector_is_told_which_namespaces_to_expect() {
     assert_eq!(config_map["metadata"]["namespace"], "dialguard");
     assert_eq!(config_map["data"]["namespaces"], "manager\napp\n");
 
-    let deployment = objects
-        .iter()
-        .find(|o| o["kind"] == "Deployment")
-        .expect("Deployment");
-    let pod = &deployment["spec"]["template"]["spec"];
+    let (pod, args) = collector_pod(&objects);
     let container = &pod["containers"][0];
-    let args: Vec<&str> = container["args"]
-        .as_array()
-        .expect("args")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    let file = args
-        .windows(2)
-        .find(|w| w[0] == "--expect-namespaces-file")
-        .map(|w| w[1])
-        .expect("--expect-namespaces-file");
+    let file = flag(&args, "--expect-namespaces-file");
     assert_eq!(file, "/etc/dialguard/expected-namespaces/namespaces");
     // Both builds are served.
     assert!(
@@ -876,28 +862,12 @@ fn the_collector_deployed_with_istio_mtls_serves_tls_and_trusts_the_mesh_root() 
     })
     .expect("renders");
     assert_valid(&objects);
-    let deployment = objects
-        .iter()
-        .find(|o| o["kind"] == "Deployment")
-        .expect("the Deployment");
-    let pod = &deployment["spec"]["template"]["spec"];
+    let (pod, args) = collector_pod(&objects);
     let container = &pod["containers"][0];
-    let args: Vec<&str> = container["args"]
-        .as_array()
-        .expect("args")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| *a == name)
-            .map(|at| args[at + 1])
-            .unwrap_or_else(|| panic!("{name} missing from {args:?}"))
-    };
-    assert_eq!(flag("--tls-cert"), "/etc/dialguard/tls/tls.crt");
-    assert_eq!(flag("--tls-key"), "/etc/dialguard/tls/tls.key");
+    assert_eq!(flag(&args, "--tls-cert"), "/etc/dialguard/tls/tls.crt");
+    assert_eq!(flag(&args, "--tls-key"), "/etc/dialguard/tls/tls.key");
     assert_eq!(
-        flag("--grpc-client-ca"),
+        flag(&args, "--grpc-client-ca"),
         "/etc/dialguard/istio-ca/root-cert.pem"
     );
     let volumes = pod["volumes"].as_array().expect("volumes");
@@ -923,4 +893,28 @@ fn the_collector_deployed_with_istio_mtls_serves_tls_and_trusts_the_mesh_root() 
             .is_some_and(|uri| uri.starts_with("https://dialguard-collector.dialguard.svc")),
         "{code}"
     );
+}
+
+/// The collector Deployment's pod spec and its container's arguments.
+fn collector_pod(objects: &[Value]) -> (&Value, Vec<&str>) {
+    let deployment = objects
+        .iter()
+        .find(|o| o["kind"] == "Deployment")
+        .expect("the collector Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let args = pod["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    (pod, args)
+}
+
+/// The value given to `name` in `args`.
+fn flag<'a>(args: &[&'a str], name: &str) -> &'a str {
+    args.windows(2)
+        .find(|w| w[0] == name)
+        .map(|w| w[1])
+        .unwrap_or_else(|| panic!("{name} missing from {args:?}"))
 }

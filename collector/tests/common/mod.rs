@@ -584,3 +584,43 @@ pub fn misrouted_aggregate(db: &Path) -> i64 {
     assert!(rows.len() <= 1, "duplicate aggregate rows: {rows:?}");
     rows.first().copied().unwrap_or(0)
 }
+
+/// `dialguard serve` with `args` (its own `--grpc` and `--http`) on a fresh
+/// database: its stderr lines up to and including the first that contains
+/// `until`; then it is killed by its PID.
+pub fn serve_lines_until(args: &[&str], until: &str) -> Vec<String> {
+    let (_dir, db) = temp_db();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dialguard"))
+        .arg("serve")
+        .arg("--db")
+        .arg(&db)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start dialguard serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let until_owned = until.to_owned();
+    std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let done = line.contains(&until_owned);
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        let _ = tx.send(lines);
+    });
+    let lines = rx.recv_timeout(WAIT);
+    let _ = child.kill();
+    let _ = child.wait();
+    let lines = lines.unwrap_or_else(|_| panic!("no {until:?} within {WAIT:?}"));
+    assert!(
+        lines.iter().any(|line| line.contains(until)),
+        "serve {args:?} ended without {until:?}: {lines:#?}"
+    );
+    lines
+}
