@@ -22,7 +22,9 @@ use dialguard_envoyfilter::rollout::{self, CollectorManifests, CollectorMtls, Ro
 #[command(
     name = "dialguard",
     version,
-    about = "Detects TCP connections that Istio sidecars send somewhere other than where the application dialed"
+    about = "Detects TCP connections that Istio sidecars send somewhere other than where the application dialed",
+    after_help = "Exit status: 0 done; 1 found (analyze: catch-all ports; report --fail-on); \
+                  2 error (bad flags or input, a database or server that cannot be used)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -42,15 +44,31 @@ enum Command {
     /// List the ports where a catch-all listener sends plain TCP somewhere
     /// other than PassthroughCluster (exit code 1 when there are any).
     ///
-    /// Exit code 0: none found; 1: findings; 2: FILE cannot be read or is
+    /// Exit status 0: none found; 1: findings; 2: FILE cannot be read or is
     /// not a config dump.
     Analyze {
         /// A sidecar's config dump: `istioctl proxy-config all -o json`,
         /// Envoy's /config_dump, or `istioctl proxy-config listeners -o json`.
         file: PathBuf,
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
+        /// How to print the findings (`--format` is an alias).
+        #[arg(short = 'o', long = "output", visible_alias = "format", value_enum, default_value_t = Format::Table)]
+        output: Format,
     },
+    /// Print a shell completion script: `dialguard completion bash >
+    /// /etc/bash_completion.d/dialguard`, `dialguard completion zsh >
+    /// "${fpath[1]}/_dialguard"`, `dialguard completion fish >
+    /// ~/.config/fish/completions/dialguard.fish`.
+    Completion {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Debug, clap::Args)]
@@ -233,12 +251,24 @@ struct ReportFlags {
     /// instead of the built-in public roots.
     #[arg(long, value_name = "PATH", requires = "server")]
     ca: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
-    format: ReportFormat,
-    /// With --format csv: `rows` (the default) or `coverage` (one line per
-    /// namespace). The other formats hold both.
+    /// How to print the report (`--format` is an alias). `table` fits the
+    /// terminal (or `COLUMNS`) and leaves out the first-seen time, the
+    /// enforcement counts and the source pods; `wide` shows them.
+    #[arg(short = 'o', long = "output", visible_alias = "format", value_enum, default_value_t = ReportFormat::Table)]
+    output: ReportFormat,
+    /// With -o csv: `rows` (the default), `coverage` (one line per
+    /// namespace) or `gaps` (the row totals and the events missing from
+    /// the counts; also warned about on stderr with `rows`). The other
+    /// formats hold all three.
     #[arg(long, value_enum)]
     section: Option<Section>,
+    /// Exit with status 1 (after printing the report) when it holds any of
+    /// these, for CI: a verdict (`misrouted`, `blackholed`, `redirected`;
+    /// over every row the other filters select, not only this page) or
+    /// `uncovered` (an expected namespace without a reporting sidecar).
+    /// Comma-separated or repeated.
+    #[arg(long, value_name = "WHAT", value_enum, value_delimiter = ',')]
+    fail_on: Vec<FailOn>,
     /// Rows whose connections went on at or after this: an RFC 3339 time
     /// (2026-11-26T07:00:00Z) or a duration meaning that long ago (24h, 7d).
     #[arg(long, value_name = "TIME")]
@@ -247,7 +277,7 @@ struct ReportFlags {
     #[arg(long, value_name = "TIME")]
     until: Option<String>,
     /// Only connections from workloads in this namespace.
-    #[arg(long, value_name = "NS")]
+    #[arg(short = 'n', long, value_name = "NS")]
     namespace: Option<String>,
     /// Only this verdict: misrouted, blackholed or redirected.
     #[arg(long)]
@@ -270,11 +300,23 @@ struct ReportFlags {
 enum Section {
     Rows,
     Coverage,
+    Gaps,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FailOn {
+    Misrouted,
+    Blackholed,
+    Redirected,
+    /// An expected namespace has no reporting sidecar.
+    Uncovered,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum ReportFormat {
     Table,
+    /// The table with every column.
+    Wide,
     Json,
     Csv,
     /// One self-contained page (no external resources).
@@ -285,9 +327,9 @@ enum ReportFormat {
 const REPORT_SERVER_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn report_command(flags: ReportFlags) -> anyhow::Result<()> {
-    if flags.section.is_some() && !matches!(flags.format, ReportFormat::Csv) {
+    if flags.section.is_some() && flags.output != ReportFormat::Csv {
         anyhow::bail!(
-            "--section: only with --format csv (the other formats show rows and coverage together)"
+            "--section: only with -o csv (the other formats show rows, coverage and gaps together)"
         );
     }
     // Validated here whatever the source, so --server gets the same errors
@@ -303,39 +345,123 @@ fn report_command(flags: ReportFlags) -> anyhow::Result<()> {
     }
     .resolve(std::time::SystemTime::now())
     .map_err(|err| anyhow::anyhow!(err.flag_message()))?;
-    let report = match (&flags.db, &flags.server) {
-        (Some(db), _) => {
-            let conn = store::open_for_reading(db)?;
-            report::query_filtered(&conn, &filter)?
-        }
-        (None, Some(server)) => {
-            let access = ServerAccess::load(flags.token_file.as_deref(), flags.ca.as_deref())?;
-            fetch_report(server, &filter, &access)?
-        }
+    let source = match (&flags.db, &flags.server) {
+        (Some(db), _) => ReportSource::Db(store::open_for_reading(db)?),
+        (None, Some(server)) => ReportSource::Server {
+            url: server.clone(),
+            access: ServerAccess::load(flags.token_file.as_deref(), flags.ca.as_deref())?,
+        },
         (None, None) => anyhow::bail!("--db PATH or --server URL is required"),
     };
+    let report = source.report(&filter)?;
+    let found = findings(&source, &report, &filter, &flags.fail_on)?;
     // Rendered in full before printing: an error leaves no partial output.
-    let text = match flags.format {
-        ReportFormat::Table => report::render_table(&report),
+    let layout = |wide| report::TableLayout {
+        wide,
+        width: table_width(),
+    };
+    let text = match flags.output {
+        ReportFormat::Table => report::render_table(&report, layout(false)),
+        ReportFormat::Wide => report::render_table(&report, layout(true)),
         ReportFormat::Json => serde_json::to_string_pretty(&report)? + "\n",
-        ReportFormat::Csv if flags.section == Some(Section::Coverage) => {
-            report::render_coverage_csv(&report).context("writing CSV")?
-        }
-        ReportFormat::Csv => {
-            // The CSV stays data only (one header, one line per row), so
-            // that tools read it unchanged: the note goes to stderr.
-            if let Some(note) = report::truncation_note(&report) {
-                eprintln!("dialguard: {note}");
+        ReportFormat::Csv => match flags.section.unwrap_or(Section::Rows) {
+            Section::Coverage => report::render_coverage_csv(&report).context("writing CSV")?,
+            Section::Gaps => report::render_gaps_csv(&report).context("writing CSV")?,
+            Section::Rows => {
+                // The CSV stays data only (one header, one line per row), so
+                // that tools read it unchanged: the notes go to stderr.
+                for note in report::truncation_note(&report)
+                    .into_iter()
+                    .chain(report::gap_notes(&report))
+                {
+                    eprintln!("dialguard: {note}");
+                }
+                report::render_csv(&report).context("writing CSV")?
             }
-            report::render_csv(&report).context("writing CSV")?
-        }
+        },
         ReportFormat::Html => report::html::render_html(
             &report,
             &dialguard_collector::time::rfc3339(dialguard_collector::time::now_unix_nanos()),
         ),
     };
     print!("{text}");
-    Ok(())
+    if found.is_empty() {
+        Ok(())
+    } else {
+        Err(Findings(format!("--fail-on: the report holds {}", found.join(", "))).into())
+    }
+}
+
+/// Where `report` reads from: the database or a running collector.
+#[derive(Debug)]
+enum ReportSource {
+    Db(rusqlite::Connection),
+    Server { url: String, access: ServerAccess },
+}
+
+impl ReportSource {
+    fn report(&self, filter: &report::ReportFilter) -> anyhow::Result<report::Report> {
+        match self {
+            Self::Db(conn) => Ok(report::query_filtered(conn, filter)?),
+            Self::Server { url, access } => fetch_report(url, filter, access),
+        }
+    }
+}
+
+/// What of `fail_on` the report holds, e.g. `["misrouted rows", "uncovered
+/// namespaces (a, b)"]`. A verdict that is not on this page is looked up
+/// over every row the filter selects (one more query of one row).
+fn findings(
+    source: &ReportSource,
+    report: &report::Report,
+    filter: &report::ReportFilter,
+    fail_on: &[FailOn],
+) -> anyhow::Result<Vec<String>> {
+    let mut found = Vec::new();
+    for what in fail_on {
+        let verdict = match what {
+            FailOn::Uncovered => {
+                if !report.coverage.uncovered.is_empty() {
+                    found.push(format!(
+                        "uncovered namespaces ({})",
+                        report.coverage.uncovered.join(", ")
+                    ));
+                }
+                continue;
+            }
+            FailOn::Misrouted => "misrouted",
+            FailOn::Blackholed => "blackholed",
+            FailOn::Redirected => "redirected",
+        };
+        let on_page = report.rows.iter().any(|row| row.verdict == verdict);
+        let whole_filter = filter.page.after.is_some() || report.truncated;
+        let elsewhere =
+            !on_page && whole_filter && filter.verdict.as_deref().is_none_or(|v| v == verdict) && {
+                let only = report::ReportFilter {
+                    verdict: Some(verdict.to_string()),
+                    page: report::Page {
+                        limit: 1,
+                        after: None,
+                    },
+                    ..filter.clone()
+                };
+                source.report(&only)?.total_rows > 0
+            };
+        if on_page || elsewhere {
+            found.push(format!("{verdict} rows"));
+        }
+    }
+    Ok(found)
+}
+
+/// The width tables fit into: `COLUMNS` when set (as shells export it),
+/// else the terminal's when stdout is one; `None` (unlimited) for a pipe.
+fn table_width() -> Option<u16> {
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|text| text.trim().parse::<u16>().ok())
+        .filter(|width| *width > 0)
+        .or_else(|| comfy_table::Table::new().width())
 }
 
 /// `GET {server}/api/v1/report?{filter}`, with the collector's `{"error"}`
@@ -563,20 +689,26 @@ fn main() -> ExitCode {
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => match err.downcast_ref::<AnalyzeExit>() {
-            // The findings are on stdout already.
-            Some(AnalyzeExit::Findings) => ExitCode::from(1),
-            Some(AnalyzeExit::InvalidInput(cause)) => {
-                eprintln!("dialguard: {}", error_chain(cause));
-                ExitCode::from(2)
+        Err(err) => match err.downcast_ref::<Findings>() {
+            // What was found is on stdout already.
+            Some(Findings(what)) => {
+                eprintln!("dialguard: {what}");
+                ExitCode::from(1)
             }
             None => {
                 eprintln!("dialguard: {}", error_chain(&err));
-                ExitCode::FAILURE
+                ExitCode::from(2)
             }
         },
     }
 }
+
+/// A command found what it looks for (`analyze`'s catch-all ports,
+/// `report --fail-on`): exit status 1, where every error is 2 (as clap's
+/// usage errors are), so CI tells "found" from "could not look".
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Findings(String);
 
 /// The error and its causes joined by ": ", each cause left out when the
 /// text before it already says it (many errors print their source in
@@ -603,8 +735,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(serve(*flags))
         }
         Command::Rollout(flags) => rollout(flags),
-        Command::Analyze { file, format } => analyze_file(&file, format),
+        Command::Analyze { file, output } => analyze_file(&file, output),
         Command::Report(flags) => report_command(flags),
+        Command::Completion { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "dialguard",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
     }
 }
 
@@ -829,27 +975,13 @@ async fn shutdown_signal() {
     }
 }
 
-/// How `analyze` ends when it does not succeed with exit code 0; `main` maps
-/// it to its own exit code instead of the generic failure.
-#[derive(Debug, thiserror::Error)]
-enum AnalyzeExit {
-    /// Catch-all ports were found (and printed): exit code 1.
-    #[error("catch-all ports found")]
-    Findings,
-    /// The file could not be read or is not a config dump: exit code 2.
-    #[error("{0:#}")]
-    InvalidInput(anyhow::Error),
-}
-
 fn analyze_file(file: &std::path::Path, format: Format) -> anyhow::Result<()> {
     use dialguard_envoyfilter::analyze;
     let text = std::fs::read_to_string(file)
-        .with_context(|| format!("{}: cannot read", file.display()))
-        .map_err(AnalyzeExit::InvalidInput)?;
+        .with_context(|| format!("{}: cannot read", file.display()))?;
     let analysis = analyze::parse(&text)
         .and_then(|dump| analyze::analyze_dump(&dump))
-        .with_context(|| file.display().to_string())
-        .map_err(AnalyzeExit::InvalidInput)?;
+        .with_context(|| file.display().to_string())?;
     if analysis.listeners == 0 {
         eprintln!(
             "dialguard: warning: {} holds no listeners, so no port was checked",
@@ -857,12 +989,14 @@ fn analyze_file(file: &std::path::Path, format: Format) -> anyhow::Result<()> {
         );
     }
     match format {
-        Format::Table => print!("{}", analyze::render_table(&analysis.findings)),
+        Format::Table => print!(
+            "{}",
+            analyze::render_table(&analysis.findings, table_width())
+        ),
         Format::Json => println!("{}", analyze::render_json(&analysis.findings)),
     }
-    if analysis.findings.is_empty() {
-        Ok(())
-    } else {
-        Err(AnalyzeExit::Findings.into())
+    match analysis.findings.len() {
+        0 => Ok(()),
+        n => Err(Findings(format!("{n} catch-all ports found")).into()),
     }
 }

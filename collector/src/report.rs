@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
-use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use rusqlite::Connection;
 use serde::Serialize;
 
@@ -24,9 +23,11 @@ use crate::time::rfc3339;
 mod filter;
 pub mod html;
 mod page;
+mod table;
 
 pub use filter::{AppliedFilter, FilterArgs, FilterError, ReportFilter, VERDICTS};
 pub use page::{Cursor, DEFAULT_LIMIT, MAX_LIMIT, Page};
+pub use table::{TableLayout, render_table};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -401,6 +402,61 @@ pub fn render_coverage_csv(report: &Report) -> Result<String, csv::Error> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// The lines that say where the counts have gaps (events refused,
+/// sampled out or dropped by sidecars); none when they have none.
+pub fn gap_notes(report: &Report) -> Vec<String> {
+    let mut notes = Vec::new();
+    if report.rejected_events > 0 {
+        notes.push(format!(
+            "warning: the collector refused {} invalid events; counts above miss them",
+            report.rejected_events
+        ));
+    }
+    if report.sampled_out_events > 0 {
+        notes.push(format!(
+            "note: {} events are counted above but their raw records were sampled out while the collector was behind",
+            report.sampled_out_events
+        ));
+    }
+    if report.dropped_events > 0 {
+        notes.push(format!(
+            "warning: sidecars dropped {} events before they could be sent; counts above miss them",
+            report.dropped_events
+        ));
+    }
+    notes
+}
+
+/// `report -o csv --section gaps`: one line with the rows' totals and the
+/// gap counters, for tools that keep the CSV (the table and JSON carry
+/// them with the rows).
+pub fn render_gaps_csv(report: &Report) -> Result<String, csv::Error> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    writer.write_record(GAPS_CSV_HEADER)?;
+    writer.write_record([
+        report.total_rows.to_string(),
+        report.rows.len().to_string(),
+        report.truncated.to_string(),
+        report.rejected_events.to_string(),
+        report.sampled_out_events.to_string(),
+        report.dropped_events.to_string(),
+    ])?;
+    let bytes = writer
+        .into_inner()
+        .map_err(|err| csv::Error::from(err.into_error()))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The columns of [`render_gaps_csv`].
+pub const GAPS_CSV_HEADER: [&str; 6] = [
+    "total rows",
+    "rows shown",
+    "truncated",
+    "rejected events",
+    "sampled out events",
+    "dropped events",
+];
+
 /// The coverage columns (CSV and table).
 pub const COVERAGE_CSV_HEADER: [&str; 6] = [
     "namespace",
@@ -411,7 +467,7 @@ pub const COVERAGE_CSV_HEADER: [&str; 6] = [
     "judged connections",
 ];
 
-fn coverage_cells(ns: &NamespaceCoverage) -> [String; 6] {
+pub(crate) fn coverage_cells(ns: &NamespaceCoverage) -> [String; 6] {
     let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
     [
         ns.namespace.clone(),
@@ -421,39 +477,6 @@ fn coverage_cells(ns: &NamespaceCoverage) -> [String; 6] {
         ns.stale.to_string(),
         ns.judged.to_string(),
     ]
-}
-
-/// The coverage table for people, with a line per uncovered namespace.
-fn render_coverage_table(coverage: &Coverage) -> String {
-    let mut out = String::from("\ncoverage (pods with a dialguard sidecar, per namespace)\n");
-    if coverage.namespaces.is_empty() {
-        out.push_str("no sidecar has reported and no namespace is expected\n");
-        return out;
-    }
-    let mut table = Table::new();
-    table
-        .load_preset(UTF8_FULL_CONDENSED)
-        .set_header(COVERAGE_CSV_HEADER);
-    for ns in &coverage.namespaces {
-        table.add_row(coverage_cells(ns));
-    }
-    out.push_str(&table.to_string());
-    out.push('\n');
-    for namespace in &coverage.uncovered {
-        out.push_str(&format!(
-            "warning: expected namespace {namespace} has no reporting sidecar: no rows there means nothing was watched\n"
-        ));
-    }
-    let stale: Vec<String> = coverage
-        .sidecars
-        .iter()
-        .filter(|s| s.stale)
-        .map(|s| format!("{}/{} (last seen {})", s.namespace, s.pod, s.last_seen))
-        .collect();
-    if !stale.is_empty() {
-        out.push_str(&format!("stale sidecars: {}\n", stale.join(", ")));
-    }
-    out
 }
 
 /// The CSV columns: the table's, with cluster and capturing service apart.
@@ -471,92 +494,3 @@ pub const CSV_HEADER: [&str; 12] = [
     "first seen",
     "last seen",
 ];
-
-/// A table for people.
-pub fn render_table(report: &Report) -> String {
-    let mut table = Table::new();
-    table.load_preset(UTF8_FULL_CONDENSED).set_header([
-        "verdict",
-        "source (ns/workload)",
-        "dialed",
-        "meant to reach",
-        "reached",
-        "cluster (service)",
-        "cause",
-        "count",
-        "would close",
-        "first seen",
-        "last seen",
-    ]);
-    for row in &report.rows {
-        table.add_row([
-            row.verdict.clone(),
-            format!("{}/{}", row.source_namespace, row.source_workload),
-            row.original_destination.clone(),
-            row.intended
-                .as_ref()
-                .map(|pod| format!("{}/{}", pod.namespace, pod.pod))
-                .unwrap_or_else(|| "-".into()),
-            row.upstream_host.clone().unwrap_or_else(|| "(none)".into()),
-            if row.capturing_service.is_empty() {
-                row.cluster.clone()
-            } else {
-                format!("{}\n({})", row.cluster, row.capturing_service)
-            },
-            row.cause.label().to_string(),
-            row.count.to_string(),
-            row.would_close.to_string(),
-            row.first_seen.clone(),
-            row.last_seen.clone(),
-        ]);
-    }
-    let mut out = table.to_string();
-    out.push('\n');
-    let filtered = !report.filter.is_empty();
-    if report.rows.is_empty() {
-        out.push_str(if filtered {
-            "no reported connections match the filter\n"
-        } else {
-            "no misrouted or blackholed connections recorded\n"
-        });
-    }
-    if let Some(note) = truncation_note(report) {
-        out.push_str(&note);
-        out.push('\n');
-    }
-    if filtered {
-        // The effective filter, relative times resolved; as the HTTP API takes it.
-        let query = serde_json::to_value(&report.filter)
-            .ok()
-            .and_then(|value| value.as_object().cloned())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(name, value)| match value {
-                serde_json::Value::String(text) => format!("{name}={text}"),
-                other => format!("{name}={other}"),
-            })
-            .collect::<Vec<_>>()
-            .join(" ");
-        out.push_str(&format!("filter: {query}\n"));
-    }
-    if report.rejected_events > 0 {
-        out.push_str(&format!(
-            "warning: the collector refused {} invalid events; counts above miss them\n",
-            report.rejected_events
-        ));
-    }
-    if report.sampled_out_events > 0 {
-        out.push_str(&format!(
-            "note: {} events are counted above but their raw records were sampled out while the collector was behind\n",
-            report.sampled_out_events
-        ));
-    }
-    if report.dropped_events > 0 {
-        out.push_str(&format!(
-            "warning: sidecars dropped {} events before they could be sent; counts above miss them\n",
-            report.dropped_events
-        ));
-    }
-    out.push_str(&render_coverage_table(&report.coverage));
-    out
-}

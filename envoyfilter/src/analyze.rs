@@ -160,12 +160,21 @@ pub fn analyze_dump(dump: &Value) -> Result<Analysis, AnalyzeError> {
 }
 
 /// The findings as a table, with the fix hints below it.
-pub fn render_table(findings: &[Finding]) -> String {
+/// The findings for people, fitted into `width` columns when given (cells
+/// wrap); without it, comfy-table fits a terminal on stdout and leaves a
+/// pipe unlimited.
+pub fn render_table(findings: &[Finding], width: Option<u16>) -> String {
     if findings.is_empty() {
         return "no catch-all listener sends plain TCP anywhere but PassthroughCluster\n".into();
     }
     let mut table = Table::new();
-    table.load_preset(UTF8_FULL_CONDENSED).set_header([
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(comfy_table::ContentArrangement::Dynamic);
+    if let Some(width) = width {
+        table.set_width(width);
+    }
+    table.set_header([
         "port",
         "listener",
         "filter chain",

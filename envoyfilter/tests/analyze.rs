@@ -581,7 +581,7 @@ fn json_output_is_stable_camel_case() {
 
 #[test]
 fn table_output_shows_the_finding_and_its_fix() {
-    let table = render_table(&analyze(&external_name_dump()).expect("analyze"));
+    let table = render_table(&analyze(&external_name_dump()).expect("analyze"), None);
     for expected in [
         "5701",
         "0.0.0.0_5701",
@@ -592,5 +592,5 @@ fn table_output_shows_the_finding_and_its_fix() {
         assert!(table.contains(expected), "{expected} missing from\n{table}");
     }
     assert!(table.contains("port 5701: plain TCP"), "{table}");
-    assert!(render_table(&[]).starts_with("no catch-all listener"));
+    assert!(render_table(&[], None).starts_with("no catch-all listener"));
 }
