@@ -314,6 +314,9 @@ type VmMap = HashMap<VmKey, Vm, foldhash::fast::RandomState>;
 pub struct Inventory {
     vms: Arc<Mutex<VmMap>>,
     config: Arc<CoverageConfig>,
+    /// The expected namespaces now: `config.expected` until
+    /// [`Inventory::set_expected`] replaces them (a re-read file).
+    expected: Arc<std::sync::RwLock<Arc<BTreeSet<String>>>>,
 }
 
 impl Inventory {
@@ -326,12 +329,30 @@ impl Inventory {
         }
         Self {
             vms: Arc::new(Mutex::new(vms)),
+            expected: Arc::new(std::sync::RwLock::new(Arc::new(config.expected.clone()))),
             config: Arc::new(config),
         }
     }
 
     pub fn config(&self) -> &CoverageConfig {
         &self.config
+    }
+
+    /// The namespaces that must have a reporting sidecar, now.
+    pub fn expected(&self) -> Arc<BTreeSet<String>> {
+        // A poisoned lock still holds a whole set: it is only ever replaced.
+        self.expected
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the expected namespaces (the file was changed).
+    pub fn set_expected(&self, expected: BTreeSet<String>) {
+        *self
+            .expected
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(expected);
     }
 
     fn lock(&self) -> MutexGuard<'_, VmMap> {
@@ -510,7 +531,7 @@ impl Inventory {
             .into_iter()
             .filter(|(_, (fresh, stale_at, _))| *fresh || now_ns <= stale_at.saturating_add(forget))
             .map(|((namespace, _), (fresh, _, judged))| (namespace, fresh, judged));
-        namespaces(listed, &self.config.expected, None)
+        namespaces(listed, &self.expected(), None)
     }
 }
 

@@ -11,6 +11,7 @@ pub mod alertmanager;
 pub mod auth;
 pub mod directory;
 pub mod event;
+pub mod expected;
 pub mod finding;
 pub mod health;
 pub mod http;
@@ -75,6 +76,10 @@ pub struct ServeConfig {
     /// Namespaces that must have a reporting sidecar (recorded in the
     /// database for `report`).
     pub expected_namespaces: BTreeSet<String>,
+    /// More of them, one per line, in a file read at startup and again
+    /// every `expected_namespaces_reload` while serving (see [`expected`]).
+    pub expected_namespaces_file: Option<PathBuf>,
+    pub expected_namespaces_reload: Duration,
     /// A pod stale for longer than this leaves the coverage.
     pub forget_stale: Duration,
     /// Connection caps and timeouts of both listeners.
@@ -99,6 +104,8 @@ impl ServeConfig {
             tls: None,
             http_token: None,
             expected_namespaces: BTreeSet::new(),
+            expected_namespaces_file: None,
+            expected_namespaces_reload: expected::RELOAD_EVERY,
             forget_stale: inventory::DEFAULT_FORGET_STALE,
             listeners: ListenerLimits::default(),
             max_report_requests: http::DEFAULT_MAX_REPORT_REQUESTS,
@@ -117,6 +124,8 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    #[error(transparent)]
+    Expected(#[from] expected::ExpectedError),
 }
 
 /// Serves gRPC ingest on `grpc` and the HTTP API on `http` until `shutdown`
@@ -147,12 +156,16 @@ impl Collector {
     pub fn open(config: ServeConfig) -> Result<Self, ServeError> {
         let mut conn = store::open_for_writing(&config.db_path)?;
         let directory = Directory::load(store::directory_pods(&conn, directory::MAX_ENTRIES)?);
-        store::record_coverage_config(&mut conn, &config.expected_namespaces, config.forget_stale)?;
+        let expected = expected::load(
+            &config.expected_namespaces,
+            config.expected_namespaces_file.as_deref(),
+        )?;
+        store::record_coverage_config(&mut conn, &expected, config.forget_stale)?;
         let inventory = Inventory::load(
             store::inventory(&conn, None, config.limits.max_vms)?,
             CoverageConfig {
                 max_vms: config.limits.max_vms,
-                expected: config.expected_namespaces.clone(),
+                expected,
                 forget_stale: config.forget_stale,
             },
         );
@@ -201,6 +214,16 @@ impl Collector {
             writer.clone(),
             stop_rx.clone(),
         ));
+        let watch_expected = config.expected_namespaces_file.clone().map(|file| {
+            tokio::spawn(expected::watch_file(
+                config.expected_namespaces.clone(),
+                file,
+                config.expected_namespaces_reload,
+                inventory.clone(),
+                writer.clone(),
+                stop_rx.clone(),
+            ))
+        });
         let final_flush = (inventory.clone(), writer.clone());
         let mut limits = config.limits;
         if let Some(retention) = config.retention {
@@ -316,6 +339,9 @@ impl Collector {
         let _ = background.await;
         let _ = persist.await;
         let _ = probe.await;
+        if let Some(watch) = watch_expected {
+            let _ = watch.await;
+        }
         // What the streams changed since the last flush, once they are done
         // (or abandoned after the grace period).
         let (inventory, flush_writer) = final_flush;

@@ -14,7 +14,9 @@ use dialguard_collector::alertmanager::AlertmanagerConfig;
 use dialguard_collector::auth::HttpToken;
 use dialguard_collector::http::{self, Module, Modules};
 use dialguard_collector::tls::{TlsConfig, TlsFiles, read_certificates};
-use dialguard_collector::{Collector, Limits, ListenerLimits, ServeConfig, report, store};
+use dialguard_collector::{
+    Collector, Limits, ListenerLimits, ServeConfig, ServeError, report, store,
+};
 use dialguard_envoyfilter::module::Build;
 use dialguard_envoyfilter::rollout::{self, CollectorManifests, CollectorMtls, RolloutArgs};
 
@@ -153,7 +155,10 @@ struct ServeFlags {
     expect_namespaces: Vec<String>,
     /// More expected namespaces, one per line (`#` starts a comment): e.g.
     /// the ConfigMap key `rollout --with-collector` mounts at
-    /// /etc/dialguard/expected-namespaces.
+    /// /etc/dialguard/expected-namespaces. Read again every 10s while
+    /// serving (kubelet updates a mounted ConfigMap in place): a changed
+    /// list applies without a restart; one that cannot be read or holds a
+    /// bad line is logged and the list in force stays.
     #[arg(long, value_name = "PATH")]
     expect_namespaces_file: Option<PathBuf>,
     /// A pod whose sidecars have all been stale this long leaves the
@@ -214,20 +219,6 @@ fn parse_namespace(text: &str) -> Result<String, String> {
              starting and ending with a letter or digit)"
             .to_string()
     })
-}
-
-/// The namespaces of --expect-namespace and --expect-namespaces-file.
-fn expected_namespaces(flags: &ServeFlags) -> anyhow::Result<std::collections::BTreeSet<String>> {
-    let mut expected: std::collections::BTreeSet<String> =
-        flags.expect_namespaces.iter().cloned().collect();
-    if let Some(path) = &flags.expect_namespaces_file {
-        let name = format!("--expect-namespaces-file {}", path.display());
-        let text = std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read"))?;
-        expected.extend(dialguard_collector::inventory::parse_expected_namespaces(
-            &name, &text,
-        )?);
-    }
-    Ok(expected)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -788,7 +779,8 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
             http_header_timeout: flags.http_header_timeout,
             http_idle_timeout: flags.http_idle_timeout,
         },
-        expected_namespaces: expected_namespaces(&flags)?,
+        expected_namespaces: flags.expect_namespaces.iter().cloned().collect(),
+        expected_namespaces_file: flags.expect_namespaces_file.clone(),
         forget_stale: flags.forget_stale,
         max_report_requests: flags.max_report_requests,
         retention: flags.retention.0,
@@ -821,8 +813,11 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
     // Before anything says it listens: a database that cannot be opened
     // or migrated stops `serve` here, with the flag named.
     let db = config.db_path.clone();
-    let collector = Collector::open(config)
-        .with_context(|| format!("--db {}: cannot use the database", db.display()))?;
+    let collector = Collector::open(config).map_err(|err| match err {
+        ServeError::Expected(err) => anyhow::Error::new(err),
+        err => anyhow::Error::new(err)
+            .context(format!("--db {}: cannot use the database", db.display())),
+    })?;
     let config = collector.config();
     let (grpc, http) = (flags.grpc, flags.http);
     let grpc = tokio::net::TcpListener::bind(grpc)

@@ -377,6 +377,12 @@ enum Request {
         cutoff_ns: u64,
         reply: Reply<Expired>,
     },
+    /// The expected namespaces changed: record them for `report`.
+    CoverageConfig {
+        expected: std::collections::BTreeSet<String>,
+        forget_stale: Duration,
+        reply: Reply<()>,
+    },
     /// The writer has been idle: check that it still can write.
     Probe,
 }
@@ -560,6 +566,20 @@ impl Writer {
     /// last seen before `cutoff_ns`; returns when all are gone.
     pub async fn expire(&self, cutoff_ns: u64) -> Result<Expired, StoreError> {
         self.ask(|reply| Request::Expire { cutoff_ns, reply }).await
+    }
+
+    /// [`record_coverage_config`], through the writer (serve's connection).
+    pub async fn record_coverage_config(
+        &self,
+        expected: std::collections::BTreeSet<String>,
+        forget_stale: Duration,
+    ) -> Result<(), StoreError> {
+        self.ask(|reply| Request::CoverageConfig {
+            expected,
+            forget_stale,
+            reply,
+        })
+        .await
     }
 }
 
@@ -786,6 +806,16 @@ impl WriterThread {
                         let _ = reply.send(saved.map_err(|err| err.to_string()));
                     }
                     Request::Expire { cutoff_ns, reply } => self.start_expiry(cutoff_ns, reply),
+                    Request::CoverageConfig {
+                        expected,
+                        forget_stale,
+                        reply,
+                    } => {
+                        let recorded = self.write(WriteKind::Other, |conn| {
+                            record_coverage_config(conn, &expected, forget_stale)
+                        });
+                        let _ = reply.send(recorded.map_err(|err| err.to_string()));
+                    }
                     Request::Probe => {
                         if let Err(err) = self.write(WriteKind::Probe, probe) {
                             tracing::error!("the store's probe write failed: {err}");

@@ -368,7 +368,7 @@ async fn an_expected_namespace_without_sidecars_is_uncovered_in_every_format() {
         dialguard_report(&["--db", db.to_str().expect("path"), "--section", "coverage"]).await;
     assert!(!wrong.status.success());
     assert!(
-        String::from_utf8_lossy(&wrong.stderr).contains("--section: only with --format csv"),
+        String::from_utf8_lossy(&wrong.stderr).contains("--section: only with -o csv"),
         "{wrong:?}"
     );
 
@@ -470,6 +470,89 @@ async fn serve_reads_expected_namespaces_from_flags_and_a_configmap_file() {
         )),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_expected_namespaces_file_applies_while_serving_and_a_bad_one_changes_nothing() {
+    let (dir, db) = temp_db();
+    let file = dir.path().join("expected-namespaces");
+    std::fs::write(&file, "payments\n").expect("write the file");
+    let server = Server::start_with(ServeConfig {
+        expected_namespaces: [NS.to_string()].into(),
+        expected_namespaces_file: Some(file.clone()),
+        expected_namespaces_reload: Duration::from_millis(100),
+        ..test_config(&db)
+    })
+    .await;
+    let uncovered =
+        |namespace: &str| format!(r#"dialguard_namespace_uncovered{{namespace="{namespace}"}}"#);
+    // What report (from the database) and /metrics (from memory) say.
+    let state = || async {
+        let report: Value =
+            serde_json::from_str(&report_ok(&db, &["-o", "json"]).await).expect("JSON report");
+        let (_, _, metrics) = http_get(server.http, "/metrics").await;
+        let in_metrics: Vec<&str> = [NS, "payments", "orders"]
+            .into_iter()
+            .filter(|ns| metric(&metrics, &uncovered(ns)) == Some(1.0))
+            .collect();
+        (report["coverage"]["uncovered"].clone(), json!(in_metrics))
+    };
+    // The database is ready once /metrics answers (it is opened first).
+    bounded("serve to answer", async {
+        while http_get(server.http, "/healthz").await.0 != 200 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        state().await,
+        (json!([NS, "payments"]), json!([NS, "payments"]))
+    );
+
+    // kubelet swaps the file in place when the ConfigMap changes.
+    std::fs::write(&file, "# rolled out to orders too\norders\npayments\n").expect("write");
+    let started = Instant::now();
+    bounded("the new list to apply", async {
+        while state().await
+            != (
+                json!([NS, "orders", "payments"]),
+                json!([NS, "payments", "orders"]),
+            )
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    println!(
+        "a changed list applied {:?} after the write",
+        started.elapsed()
+    );
+
+    // A bad line, then no file at all: the list in force stays, whole.
+    for broken in [Some("orders\nNot_A_Namespace\n"), None] {
+        match broken {
+            Some(text) => std::fs::write(&file, text).expect("write"),
+            None => std::fs::remove_file(&file).expect("remove"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            state().await,
+            (
+                json!([NS, "orders", "payments"]),
+                json!([NS, "payments", "orders"])
+            ),
+            "after {broken:?}"
+        );
+    }
+    // Fixed: applies again; the flag's namespace always stays.
+    std::fs::write(&file, "orders\n").expect("write");
+    bounded("the fixed list to apply", async {
+        while state().await != (json!([NS, "orders"]), json!([NS, "orders"])) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
