@@ -99,6 +99,25 @@ fn examples() -> Vec<(&'static str, Vec<&'static str>)> {
             ],
         ),
         (
+            // No --module-url: the release's filter image, pulled by istio-agent.
+            "wasmplugin-release-image.yaml",
+            vec![
+                "-n",
+                "a",
+                "-n",
+                "b",
+                "--wasm-plugin",
+                "--image-pull-policy",
+                "IfNotPresent",
+                "--collector",
+                "dialguard-collector.dialguard.svc.cluster.local:50051",
+                "--service-cidr",
+                "10.96.0.0/12",
+                "--pod-cidr",
+                "10.244.0.0/16",
+            ],
+        ),
+        (
             "uninstall-manager.yaml",
             [
                 &["--namespace", "manager", "--uninstall"][..],
@@ -154,6 +173,80 @@ fn json_output_is_a_kubernetes_list() {
 }
 
 #[test]
+fn short_flags_and_the_format_alias_print_the_same() {
+    let long = [
+        &[
+            "--namespace",
+            "manager",
+            "--collector",
+            "c.dialguard:50051",
+            "--output",
+            "json",
+        ][..],
+        &common(),
+    ]
+    .concat();
+    let short = [
+        &[
+            "-n",
+            "manager",
+            "--collector",
+            "c.dialguard:50051",
+            "-o",
+            "json",
+        ][..],
+        &common(),
+    ]
+    .concat();
+    let alias = [
+        &[
+            "-n",
+            "manager",
+            "--collector",
+            "c.dialguard:50051",
+            "--format",
+            "json",
+        ][..],
+        &common(),
+    ]
+    .concat();
+    let printed: Vec<Vec<u8>> = [long, short, alias]
+        .iter()
+        .map(|args| {
+            let output = rollout(args);
+            assert!(
+                output.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            output.stdout
+        })
+        .collect();
+    assert!(printed[0].starts_with(b"{"), "not JSON");
+    assert_eq!(printed[0], printed[1]);
+    assert_eq!(printed[0], printed[2]);
+}
+
+#[test]
+fn an_oci_module_without_wasm_plugin_says_what_to_use() {
+    let output = rollout(&[
+        "-n",
+        "manager",
+        "--collector",
+        "c:1",
+        "--module-url",
+        "oci://ghcr.io/dialguard/dialguard-filter:0.1.0",
+    ]);
+    assert!(!output.status.success() && output.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--module-url \"oci://ghcr.io/dialguard/dialguard-filter:0.1.0\"")
+            && stderr.contains("expected --wasm-plugin, or an https:// or http:// URL"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn bad_flags_print_an_error_and_nothing_else() {
     let cases: &[(&[&str], &str)] = &[
         (
@@ -178,8 +271,26 @@ fn bad_flags_print_an_error_and_nothing_else() {
             "--collector HOST:PORT is required",
         ),
         (
-            &["--namespace", "manager", "--with-collector"],
-            "--collector-image",
+            &[
+                "--namespace",
+                "manager",
+                "--with-collector",
+                "--collector-image",
+                "",
+            ],
+            "--collector-image \"\": expected a container image reference",
+        ),
+        (
+            &[
+                "-n",
+                "manager",
+                "--collector",
+                "c:1",
+                "--wasm-plugin",
+                "--image-pull-policy",
+                "Sometimes",
+            ],
+            "--image-pull-policy",
         ),
         // Enforce with the audit build's URL: Envoy would refuse the filter.
         (
