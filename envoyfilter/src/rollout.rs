@@ -458,6 +458,9 @@ fn resolve_module(args: &RolloutArgs) -> Result<ResolvedModule, RolloutError> {
     );
     let url = match (&args.module_url, &args.collector_manifests) {
         (Some(url), _) => url.clone(),
+        // istio-agent pulls images (and would not trust a collector whose
+        // certificate chains to the mesh's root for a download).
+        (None, _) if args.wasm_plugin => release_module_image(default_build),
         // The collector serves both builds; its HTTP listener has TLS too
         // when its gRPC does.
         (None, Some(c)) => module_url(
@@ -465,7 +468,6 @@ fn resolve_module(args: &RolloutArgs) -> Result<ResolvedModule, RolloutError> {
             default_build,
             args.collector_mtls == CollectorMtls::Istio,
         ),
-        (None, None) if args.wasm_plugin => release_module_image(default_build),
         (None, None) => {
             return Err(invalid(
                 "--module-url",
