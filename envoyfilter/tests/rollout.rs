@@ -385,7 +385,8 @@ fn enforce_with_the_collector_points_to_the_enforce_module() {
     let enforce_file = dist_module(Build::Enforce);
     let enforce_sha = module::sha256_hex(&std::fs::read(&enforce_file).expect("module"));
     for wasm_plugin in [false, true] {
-        // No URL and no sha256: the collector's enforce URL, the file's digest.
+        // No URL and no sha256: the collector's enforce URL and the file's
+        // digest for the EnvoyFilter.
         let mut enforce = args();
         enforce.mode = "enforce".into();
         enforce.module_url = None;
@@ -401,10 +402,14 @@ fn enforce_with_the_collector_points_to_the_enforce_module() {
                 .iter()
                 .find(|o| o["kind"] == "WasmPlugin")
                 .expect("plugin");
-            assert_eq!(plugin["spec"]["url"], url);
-            assert_eq!(plugin["spec"]["sha256"], enforce_sha);
+            // A WasmPlugin pulls the release's enforce image; the file's
+            // digest is not the image's, so none is claimed.
+            assert_eq!(
+                plugin["spec"]["url"],
+                "oci://ghcr.io/dialguard/dialguard-filter-enforce:0.1.0"
+            );
+            assert!(plugin["spec"].get("sha256").is_none());
             assert_eq!(plugin["spec"]["pluginConfig"]["mode"], "enforce");
-            assert_eq!(plugin["spec"]["pluginConfig"]["moduleSha256"], enforce_sha);
         } else {
             let filter = objects
                 .iter()
