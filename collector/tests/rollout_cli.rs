@@ -345,3 +345,78 @@ fn every_shipped_filter_is_fail_open() {
     }
     assert!(filters >= 4, "only {filters} filters in the examples");
 }
+
+/// The objects of a YAML stream by (kind, name).
+fn objects_by_kind_and_name(
+    yaml: &[u8],
+) -> std::collections::BTreeMap<(String, String), serde_json::Value> {
+    use serde::Deserialize;
+    serde_yaml_ng::Deserializer::from_slice(yaml)
+        .map(|doc| serde_json::Value::deserialize(doc).expect("a YAML document"))
+        .filter(|o| !o.is_null())
+        .map(|o| {
+            let key = (
+                o["kind"].as_str().unwrap_or_default().to_owned(),
+                o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+            (key, o)
+        })
+        .collect()
+}
+
+/// One source of truth: `dialguard rollout --with-collector` with the flags
+/// deploy/kustomize/overlays/example stands for prints, object by object,
+/// what `kubectl kustomize` makes of that overlay (plus the sidecars' side).
+#[test]
+fn rollout_with_collector_prints_what_the_example_overlay_applies() {
+    let overlay =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/kustomize/overlays/example");
+    let kubectl = std::env::var("DIALGUARD_KUBECTL").unwrap_or("kubectl".into());
+    let kustomized = Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(&overlay)
+        .output()
+        .unwrap_or_else(|err| {
+            panic!("{kubectl} (with its built-in kustomize) is needed: {err}; install kubectl or set DIALGUARD_KUBECTL")
+        });
+    assert!(
+        kustomized.status.success(),
+        "{}",
+        String::from_utf8_lossy(&kustomized.stderr)
+    );
+    let rolled = rollout(&[
+        "-n",
+        "a",
+        "-n",
+        "b",
+        "--wasm-plugin",
+        "--with-collector",
+        "--collector-image",
+        "registry.example.com/platform/dialguard-collector:0.1.0",
+        "--collector-storage",
+        "20Gi",
+    ]);
+    assert!(
+        rolled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rolled.stderr)
+    );
+    let expected = objects_by_kind_and_name(&kustomized.stdout);
+    let mut printed = objects_by_kind_and_name(&rolled.stdout);
+    printed.retain(|(kind, _), _| kind != "EnvoyFilter" && kind != "WasmPlugin");
+    assert_eq!(
+        expected.keys().collect::<Vec<_>>(),
+        printed.keys().collect::<Vec<_>>()
+    );
+    assert!(expected.len() >= 9, "{:?}", expected.keys());
+    for (key, object) in &expected {
+        assert!(
+            printed[key] == *object,
+            "{key:?}: kubectl kustomize printed {object}, rollout {}",
+            printed[key]
+        );
+    }
+}
