@@ -479,7 +479,9 @@ struct RolloutFlags {
     #[arg(long, default_value = "audit")]
     mode: String,
     /// The collector's gRPC address as the sidecars reach it, HOST:PORT.
-    /// Defaults to the in-cluster collector with --with-collector.
+    /// Defaults to the collector that deploy/kustomize/base (or
+    /// --with-collector) installs in --collector-namespace:
+    /// dialguard-collector.NAMESPACE.svc.cluster.local:50051.
     #[arg(long)]
     collector: Option<String>,
     /// Where Envoy downloads the module (http:// or https://), or, with
@@ -795,11 +797,10 @@ fn rollout(flags: RolloutFlags) -> anyhow::Result<()> {
         image: flags.collector_image.clone(),
         storage: flags.collector_storage.clone(),
     });
-    let collector = match (&flags.collector, flags.with_collector) {
-        (Some(address), _) => address.clone(),
-        (None, true) => rollout::in_cluster_collector(&flags.collector_namespace),
-        (None, false) => anyhow::bail!("--collector HOST:PORT is required (or --with-collector)"),
-    };
+    let collector = flags
+        .collector
+        .clone()
+        .unwrap_or_else(|| rollout::in_cluster_collector(&flags.collector_namespace));
     let args = RolloutArgs {
         namespaces: flags.namespaces,
         selectors: flags.selectors,

@@ -228,6 +228,46 @@ fn short_flags_and_the_format_alias_print_the_same() {
 }
 
 #[test]
+fn the_collector_defaults_to_the_one_the_base_installs() {
+    let output = rollout(&["-n", "a", "--wasm-plugin", "-o", "json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let cluster = &list["items"][1]["spec"]["configPatches"][0]["patch"]["value"];
+    assert_eq!(cluster["name"], "dialguard_collector");
+    let address = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        ["socket_address"];
+    // The Service of deploy/kustomize/base/service.yaml, its gRPC port.
+    let service: serde_json::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/kustomize/base/service.yaml"),
+        )
+        .expect("service.yaml"),
+    )
+    .expect("YAML");
+    assert_eq!(
+        address["address"],
+        format!(
+            "{}.{}.svc.cluster.local",
+            service["metadata"]["name"].as_str().expect("name"),
+            service["metadata"]["namespace"]
+                .as_str()
+                .expect("namespace")
+        )
+    );
+    let grpc = service["spec"]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"] == "grpc-ingest")
+        .expect("the grpc-ingest port");
+    assert_eq!(address["port_value"], grpc["port"]);
+}
+
+#[test]
 fn an_oci_module_without_wasm_plugin_says_what_to_use() {
     let output = rollout(&[
         "-n",
@@ -266,10 +306,6 @@ fn bad_flags_print_an_error_and_nothing_else() {
         ),
         (&["--namespace", "", "--collector", "c:1"], "--namespace"),
         (&["--collector", "c:1"], "--namespace"),
-        (
-            &["--namespace", "manager"],
-            "--collector HOST:PORT is required",
-        ),
         (
             &[
                 "--namespace",
