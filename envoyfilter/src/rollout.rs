@@ -52,9 +52,9 @@ pub struct RolloutArgs {
     /// `HOST:PORT` of the collector's gRPC listener.
     pub collector: String,
     /// Where Envoy (http, https) or istio-agent (also oci, with
-    /// `wasm_plugin`) gets the module. Without it, `collector_manifests`
-    /// gives the in-cluster collector's URL of the build the mode needs, and
-    /// `wasm_plugin` the release's filter image.
+    /// `wasm_plugin`) gets the module. Without it, `wasm_plugin` takes the
+    /// release's filter image of the build the mode needs, and
+    /// `collector_manifests` the in-cluster collector's URL of that build.
     pub module_url: Option<String>,
     /// The module's SHA-256; computed from `module_file` when that is given.
     /// For an `oci://` URL, the image manifest's digest (what Istio checks).
@@ -68,7 +68,7 @@ pub struct RolloutArgs {
     pub priority: i32,
     /// Render a `WasmPlugin` for the filter instead of the filter patch.
     pub wasm_plugin: bool,
-    /// Also render the collector's Deployment, Service and PVC.
+    /// Also render the collector: the kustomize base's objects with these changes.
     pub collector_manifests: Option<CollectorManifests>,
     /// How the sidecars' collector cluster is secured (`--collector-mtls`).
     pub collector_mtls: CollectorMtls,
