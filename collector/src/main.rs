@@ -18,7 +18,9 @@ use dialguard_collector::{
     Collector, Limits, ListenerLimits, ServeConfig, ServeError, report, store,
 };
 use dialguard_envoyfilter::module::Build;
-use dialguard_envoyfilter::rollout::{self, CollectorManifests, CollectorMtls, RolloutArgs};
+use dialguard_envoyfilter::rollout::{
+    self, CollectorManifests, CollectorMtls, ImagePullPolicy, RolloutArgs,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -584,7 +586,8 @@ fn parse_retention(text: &str) -> Result<Retention, String> {
 #[derive(Debug, clap::Args)]
 struct RolloutFlags {
     /// Namespace whose sidecars get the filter (repeat for several).
-    #[arg(long = "namespace", required = true)]
+    /// A namespace to roll out to (repeat for several).
+    #[arg(short = 'n', long = "namespace", required = true)]
     namespaces: Vec<String>,
     /// Only workloads with this label, as key=value (repeat to require several).
     #[arg(long = "selector")]
@@ -593,21 +596,28 @@ struct RolloutFlags {
     #[arg(long, default_value = "audit")]
     mode: String,
     /// The collector's gRPC address as the sidecars reach it, HOST:PORT.
-    /// Defaults to the in-cluster collector with --with-collector.
+    /// Defaults to the collector that deploy/kustomize/base (or
+    /// --with-collector) installs in --collector-namespace:
+    /// dialguard-collector.NAMESPACE.svc.cluster.local:50051.
     #[arg(long)]
     collector: Option<String>,
-    /// Where Envoy downloads the module (http:// or https://). With
-    /// --with-collector it defaults to that collector's URL of the build the
-    /// mode needs. --mode enforce needs a URL ending in
-    /// /dialguard_filter_enforce.wasm unless --module shows the build.
+    /// Where Envoy downloads the module (http:// or https://), or, with
+    /// --wasm-plugin, the image istio-agent pulls
+    /// (oci://REGISTRY/dialguard-filter:TAG[@sha256:DIGEST]). Defaults: with
+    /// --with-collector, that collector's URL of the build the mode needs;
+    /// else with --wasm-plugin, the release image of that build. --mode
+    /// enforce needs the enforce build's URL (/dialguard_filter_enforce.wasm,
+    /// or the image dialguard-filter-enforce) unless --module shows the build.
     #[arg(long)]
     module_url: Option<String>,
     /// The module's SHA-256, 64 hex digits; Envoy refuses any other bytes.
-    /// Computed from --module when that is given.
+    /// Computed from --module when that is given. For an oci:// image: the
+    /// image manifest's digest (optional; a @sha256: in the URL is the same).
     #[arg(long)]
     module_sha256: Option<String>,
     /// The module file the URL serves (e.g. dist/dialguard_filter_enforce.wasm):
-    /// rollout computes its SHA-256 and checks that its build runs --mode.
+    /// rollout computes its SHA-256 and checks that its build runs --mode
+    /// (for an oci:// image, the build only).
     #[arg(long, value_name = "PATH")]
     module: Option<PathBuf>,
     /// Service VIP range (repeat); default: the filter's (10.96.0.0/12).
@@ -622,15 +632,25 @@ struct RolloutFlags {
     /// Render a WasmPlugin (Istio 1.20+) for the filter instead of an EnvoyFilter patch.
     #[arg(long)]
     wasm_plugin: bool,
-    /// Also render the collector's Deployment, Service and PVC.
+    /// With --wasm-plugin: when istio-agent pulls the module again.
+    #[arg(long, value_enum, value_name = "POLICY")]
+    image_pull_policy: Option<ImagePullPolicyFlag>,
+    /// With --wasm-plugin and an oci:// --module-url: the Secret
+    /// (kubernetes.io/dockerconfigjson) in each rolled-out namespace that
+    /// istio-agent pulls the image with.
+    #[arg(long, value_name = "NAME")]
+    image_pull_secret: Option<String>,
+    /// Also render the collector: the objects of deploy/kustomize/base
+    /// (Namespace, ServiceAccount, PVC, Deployment, Service, ServiceMonitor,
+    /// PrometheusRule, Grafana dashboard) with these flags applied.
     #[arg(long)]
     with_collector: bool,
     #[arg(long, default_value = "dialguard")]
     collector_namespace: String,
     /// Container image of the collector, holding both builds in /opt/dialguard/
     /// (dialguard_filter.wasm and dialguard_filter_enforce.wasm).
-    #[arg(long, required_if_eq("with_collector", "true"))]
-    collector_image: Option<String>,
+    #[arg(long, default_value_t = dialguard_envoyfilter::image::reference(dialguard_envoyfilter::image::COLLECTOR_IMAGE))]
+    collector_image: String,
     #[arg(long, default_value = "1Gi")]
     collector_storage: String,
     /// How sidecars connect to the collector. `istio`: mutual TLS with
@@ -645,8 +665,17 @@ struct RolloutFlags {
     /// Print what removes the rollout instead (for `kubectl delete -f -`).
     #[arg(long)]
     uninstall: bool,
-    #[arg(long, value_enum, default_value_t = Output::Yaml)]
+    /// yaml: documents separated by `---`; json: a v1 List.
+    #[arg(short = 'o', long, visible_alias = "format", value_enum, default_value_t = Output::Yaml)]
     output: Output,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ImagePullPolicyFlag {
+    #[value(name = "IfNotPresent")]
+    IfNotPresent,
+    #[value(name = "Always")]
+    Always,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -906,14 +935,13 @@ fn warn_if_exposed(config: &ServeConfig, grpc: SocketAddr, http: SocketAddr) {
 fn rollout(flags: RolloutFlags) -> anyhow::Result<()> {
     let collector_manifests = flags.with_collector.then(|| CollectorManifests {
         namespace: flags.collector_namespace.clone(),
-        image: flags.collector_image.clone().unwrap_or_default(),
+        image: flags.collector_image.clone(),
         storage: flags.collector_storage.clone(),
     });
-    let collector = match (&flags.collector, flags.with_collector) {
-        (Some(address), _) => address.clone(),
-        (None, true) => rollout::in_cluster_collector(&flags.collector_namespace),
-        (None, false) => anyhow::bail!("--collector HOST:PORT is required (or --with-collector)"),
-    };
+    let collector = flags
+        .collector
+        .clone()
+        .unwrap_or_else(|| rollout::in_cluster_collector(&flags.collector_namespace));
     let args = RolloutArgs {
         namespaces: flags.namespaces,
         selectors: flags.selectors,
@@ -931,6 +959,11 @@ fn rollout(flags: RolloutFlags) -> anyhow::Result<()> {
             CollectorMtlsFlag::Off => CollectorMtls::Off,
             CollectorMtlsFlag::Istio => CollectorMtls::Istio,
         },
+        image_pull_policy: flags.image_pull_policy.map(|policy| match policy {
+            ImagePullPolicyFlag::IfNotPresent => ImagePullPolicy::IfNotPresent,
+            ImagePullPolicyFlag::Always => ImagePullPolicy::Always,
+        }),
+        image_pull_secret: flags.image_pull_secret,
     };
     let objects = match flags.uninstall {
         false => rollout::render(&args)?,

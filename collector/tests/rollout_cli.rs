@@ -99,6 +99,25 @@ fn examples() -> Vec<(&'static str, Vec<&'static str>)> {
             ],
         ),
         (
+            // No --module-url: the release's filter image, pulled by istio-agent.
+            "wasmplugin-release-image.yaml",
+            vec![
+                "-n",
+                "a",
+                "-n",
+                "b",
+                "--wasm-plugin",
+                "--image-pull-policy",
+                "IfNotPresent",
+                "--collector",
+                "dialguard-collector.dialguard.svc.cluster.local:50051",
+                "--service-cidr",
+                "10.96.0.0/12",
+                "--pod-cidr",
+                "10.244.0.0/16",
+            ],
+        ),
+        (
             "uninstall-manager.yaml",
             [
                 &["--namespace", "manager", "--uninstall"][..],
@@ -154,6 +173,120 @@ fn json_output_is_a_kubernetes_list() {
 }
 
 #[test]
+fn short_flags_and_the_format_alias_print_the_same() {
+    let long = [
+        &[
+            "--namespace",
+            "manager",
+            "--collector",
+            "c.dialguard:50051",
+            "--output",
+            "json",
+        ][..],
+        &common(),
+    ]
+    .concat();
+    let short = [
+        &[
+            "-n",
+            "manager",
+            "--collector",
+            "c.dialguard:50051",
+            "-o",
+            "json",
+        ][..],
+        &common(),
+    ]
+    .concat();
+    let alias = [
+        &[
+            "-n",
+            "manager",
+            "--collector",
+            "c.dialguard:50051",
+            "--format",
+            "json",
+        ][..],
+        &common(),
+    ]
+    .concat();
+    let printed: Vec<Vec<u8>> = [long, short, alias]
+        .iter()
+        .map(|args| {
+            let output = rollout(args);
+            assert!(
+                output.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            output.stdout
+        })
+        .collect();
+    assert!(printed[0].starts_with(b"{"), "not JSON");
+    assert_eq!(printed[0], printed[1]);
+    assert_eq!(printed[0], printed[2]);
+}
+
+#[test]
+fn the_collector_defaults_to_the_one_the_base_installs() {
+    let output = rollout(&["-n", "a", "--wasm-plugin", "-o", "json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let cluster = &list["items"][1]["spec"]["configPatches"][0]["patch"]["value"];
+    assert_eq!(cluster["name"], "dialguard_collector");
+    let address = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        ["socket_address"];
+    // The Service of deploy/kustomize/base/service.yaml, its gRPC port.
+    let service: serde_json::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/kustomize/base/service.yaml"),
+        )
+        .expect("service.yaml"),
+    )
+    .expect("YAML");
+    assert_eq!(
+        address["address"],
+        format!(
+            "{}.{}.svc.cluster.local",
+            service["metadata"]["name"].as_str().expect("name"),
+            service["metadata"]["namespace"]
+                .as_str()
+                .expect("namespace")
+        )
+    );
+    let grpc = service["spec"]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"] == "grpc-ingest")
+        .expect("the grpc-ingest port");
+    assert_eq!(address["port_value"], grpc["port"]);
+}
+
+#[test]
+fn an_oci_module_without_wasm_plugin_says_what_to_use() {
+    let output = rollout(&[
+        "-n",
+        "manager",
+        "--collector",
+        "c:1",
+        "--module-url",
+        "oci://ghcr.io/dialguard/dialguard-filter:0.1.0",
+    ]);
+    assert!(!output.status.success() && output.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--module-url \"oci://ghcr.io/dialguard/dialguard-filter:0.1.0\"")
+            && stderr.contains("expected --wasm-plugin, or an https:// or http:// URL"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn bad_flags_print_an_error_and_nothing_else() {
     let cases: &[(&[&str], &str)] = &[
         (
@@ -174,12 +307,26 @@ fn bad_flags_print_an_error_and_nothing_else() {
         (&["--namespace", "", "--collector", "c:1"], "--namespace"),
         (&["--collector", "c:1"], "--namespace"),
         (
-            &["--namespace", "manager"],
-            "--collector HOST:PORT is required",
+            &[
+                "--namespace",
+                "manager",
+                "--with-collector",
+                "--collector-image",
+                "",
+            ],
+            "--collector-image \"\": expected a container image reference",
         ),
         (
-            &["--namespace", "manager", "--with-collector"],
-            "--collector-image",
+            &[
+                "-n",
+                "manager",
+                "--collector",
+                "c:1",
+                "--wasm-plugin",
+                "--image-pull-policy",
+                "Sometimes",
+            ],
+            "--image-pull-policy",
         ),
         // Enforce with the audit build's URL: Envoy would refuse the filter.
         (
@@ -233,4 +380,79 @@ fn every_shipped_filter_is_fail_open() {
         filters += wasm + plugins;
     }
     assert!(filters >= 4, "only {filters} filters in the examples");
+}
+
+/// The objects of a YAML stream by (kind, name).
+fn objects_by_kind_and_name(
+    yaml: &[u8],
+) -> std::collections::BTreeMap<(String, String), serde_json::Value> {
+    use serde::Deserialize;
+    serde_yaml_ng::Deserializer::from_slice(yaml)
+        .map(|doc| serde_json::Value::deserialize(doc).expect("a YAML document"))
+        .filter(|o| !o.is_null())
+        .map(|o| {
+            let key = (
+                o["kind"].as_str().unwrap_or_default().to_owned(),
+                o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+            (key, o)
+        })
+        .collect()
+}
+
+/// One source of truth: `dialguard rollout --with-collector` with the flags
+/// deploy/kustomize/overlays/example stands for prints, object by object,
+/// what `kubectl kustomize` makes of that overlay (plus the sidecars' side).
+#[test]
+fn rollout_with_collector_prints_what_the_example_overlay_applies() {
+    let overlay =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/kustomize/overlays/example");
+    let kubectl = std::env::var("DIALGUARD_KUBECTL").unwrap_or("kubectl".into());
+    let kustomized = Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(&overlay)
+        .output()
+        .unwrap_or_else(|err| {
+            panic!("{kubectl} (with its built-in kustomize) is needed: {err}; install kubectl or set DIALGUARD_KUBECTL")
+        });
+    assert!(
+        kustomized.status.success(),
+        "{}",
+        String::from_utf8_lossy(&kustomized.stderr)
+    );
+    let rolled = rollout(&[
+        "-n",
+        "a",
+        "-n",
+        "b",
+        "--wasm-plugin",
+        "--with-collector",
+        "--collector-image",
+        "registry.example.com/platform/dialguard-collector:0.1.0",
+        "--collector-storage",
+        "20Gi",
+    ]);
+    assert!(
+        rolled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rolled.stderr)
+    );
+    let expected = objects_by_kind_and_name(&kustomized.stdout);
+    let mut printed = objects_by_kind_and_name(&rolled.stdout);
+    printed.retain(|(kind, _), _| kind != "EnvoyFilter" && kind != "WasmPlugin");
+    assert_eq!(
+        expected.keys().collect::<Vec<_>>(),
+        printed.keys().collect::<Vec<_>>()
+    );
+    assert!(expected.len() >= 9, "{:?}", expected.keys());
+    for (key, object) in &expected {
+        assert!(
+            printed[key] == *object,
+            "{key:?}: kubectl kustomize printed {object}, rollout {}",
+            printed[key]
+        );
+    }
 }

@@ -6,11 +6,15 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+mod common;
+
+use common::{CrdValidators, validator};
 use dialguard_envoyfilter::module::{self, Build};
-use dialguard_envoyfilter::rollout::{self, CollectorManifests, CollectorMtls, RolloutArgs};
+use dialguard_envoyfilter::rollout::{
+    self, CollectorManifests, CollectorMtls, ImagePullPolicy, RolloutArgs,
+};
 use serde_json::{Value, json};
 
-const CRDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/istio-crds");
 const SHA: &str = "9a568aa32a25ec828ae7119647f1a1fb3ff56722bfdcc880c6f45ca7ce6ee868";
 
 /// A module `cargo xtask dist` built: `$DIALGUARD_DIST` (from the workspace
@@ -54,64 +58,15 @@ fn args() -> RolloutArgs {
     }
 }
 
-/// Kubernetes prunes (or, strictly, rejects) fields a structural schema does
-/// not declare; plain JSON Schema allows them. Close every object schema that
-/// lists properties and does not preserve unknown fields.
-fn strict(schema: &mut Value) {
-    if let Some(object) = schema.as_object_mut() {
-        let preserves = object.get("x-kubernetes-preserve-unknown-fields") == Some(&json!(true));
-        if object.contains_key("properties")
-            && !preserves
-            && !object.contains_key("additionalProperties")
-        {
-            object.insert("additionalProperties".into(), json!(false));
-        }
-        for value in object.values_mut() {
-            strict(value);
-        }
-    } else if let Some(items) = schema.as_array_mut() {
-        items.iter_mut().for_each(strict);
-    }
-}
-
-fn validator(crd_file: &str, version: &str) -> jsonschema::Validator {
-    let text = std::fs::read_to_string(format!("{CRDS}/{crd_file}")).expect("CRD file");
-    let crd: Value = serde_yaml_ng::from_str(&text).expect("CRD YAML");
-    let mut schema = crd["spec"]["versions"]
-        .as_array()
-        .and_then(|v| v.iter().find(|v| v["name"] == version))
-        .map(|v| v["schema"]["openAPIV3Schema"].clone())
-        .expect("version schema");
-    // The API server handles these itself.
-    schema["properties"]["apiVersion"] = json!({ "type": "string" });
-    schema["properties"]["kind"] = json!({ "type": "string" });
-    schema["properties"]["metadata"] = json!({ "type": "object" });
-    strict(&mut schema);
-    jsonschema::validator_for(&schema).expect("schema compiles")
-}
-
 fn assert_valid(objects: &[Value]) {
-    let envoy_filter = validator("envoyfilter.crd.yaml", "v1alpha3");
-    let wasm_plugin = validator("wasmplugin.crd.yaml", "v1alpha1");
-    for object in objects {
-        let validator = match object["kind"].as_str() {
-            Some("EnvoyFilter") => &envoy_filter,
-            Some("WasmPlugin") => &wasm_plugin,
-            _ => continue,
-        };
-        let errors: Vec<String> = validator
-            .iter_errors(object)
-            .map(|e| format!("{} at {}", e, e.instance_path()))
-            .collect();
-        assert!(errors.is_empty(), "{}: {errors:#?}", object["kind"]);
-    }
+    CrdValidators::load().assert_valid(objects);
 }
 
 #[test]
 fn strictness_catches_a_misspelt_field() {
     let mut objects = rollout::render(&args()).expect("renders");
     objects[0]["spec"]["workloadSelecter"] = json!({ "labels": { "app": "x" } });
-    let validator = validator("envoyfilter.crd.yaml", "v1alpha3");
+    let validator = validator("istio-crds/envoyfilter.crd.yaml", "v1alpha3");
     assert!(!validator.is_valid(&objects[0]));
 }
 
@@ -216,18 +171,25 @@ fn collector_manifests_and_uninstall() {
     let objects = rollout::render(&with_collector).expect("renders");
     assert_valid(&objects);
     let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    // The kustomize base's objects in its order, then the sidecars' side.
     assert_eq!(
         kinds,
         [
+            "Namespace",
+            "ServiceAccount",
             "PersistentVolumeClaim",
             "ConfigMap",
             "Deployment",
             "Service",
+            "ServiceMonitor",
+            "PrometheusRule",
+            "ConfigMap",
             "EnvoyFilter",
             "EnvoyFilter"
         ]
     );
-    let service = &objects[3];
+    let of_kind = |kind: &str| objects.iter().find(|o| o["kind"] == kind).expect(kind);
+    let service = of_kind("Service");
     assert!(
         service["spec"]["ports"]
             .as_array()
@@ -235,16 +197,29 @@ fn collector_manifests_and_uninstall() {
             .iter()
             .any(|p| p["name"].as_str().is_some_and(|n| n.starts_with("grpc-")))
     );
-    assert_eq!(objects[2]["spec"]["replicas"], 1);
+    let deployment = of_kind("Deployment");
+    assert_eq!(deployment["spec"]["replicas"], 1);
     // Ready while the store can write; alive while the process answers.
-    let container = &objects[2]["spec"]["template"]["spec"]["containers"][0];
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(
-        container["readinessProbe"],
-        json!({ "httpGet": { "path": "/readyz", "port": 8080 } })
+        container["readinessProbe"]["httpGet"],
+        json!({ "path": "/readyz", "port": 8080 })
     );
     assert_eq!(
-        container["livenessProbe"],
-        json!({ "httpGet": { "path": "/healthz", "port": 8080 } })
+        container["livenessProbe"]["httpGet"],
+        json!({ "path": "/healthz", "port": 8080 })
+    );
+    // The flags' changes to the base.
+    assert_eq!(container["image"], "registry.example.com/dialguard:0.1.0");
+    assert_eq!(
+        of_kind("PersistentVolumeClaim")["spec"]["resources"]["requests"]["storage"],
+        "2Gi"
+    );
+    assert!(
+        objects
+            .iter()
+            .filter(|o| o["kind"] != "EnvoyFilter" && o["kind"] != "Namespace")
+            .all(|o| o["metadata"]["namespace"] == "dialguard")
     );
 
     let removal = rollout::uninstall(&with_collector).expect("renders");
@@ -257,13 +232,18 @@ fn collector_manifests_and_uninstall() {
             )
         })
         .collect();
-    // The database volume is kept: deleting the audit record is a deliberate act.
+    // The database volume is kept, and so is its namespace (deleting it
+    // would delete the volume): deleting the audit record is a deliberate act.
     assert_eq!(
         removed,
         [
+            ("ServiceAccount", "dialguard"),
             ("ConfigMap", "dialguard"),
             ("Deployment", "dialguard"),
             ("Service", "dialguard"),
+            ("ServiceMonitor", "dialguard"),
+            ("PrometheusRule", "dialguard"),
+            ("ConfigMap", "dialguard"),
             ("EnvoyFilter", "manager"),
             ("EnvoyFilter", "app")
         ]
@@ -405,7 +385,8 @@ fn enforce_with_the_collector_points_to_the_enforce_module() {
     let enforce_file = dist_module(Build::Enforce);
     let enforce_sha = module::sha256_hex(&std::fs::read(&enforce_file).expect("module"));
     for wasm_plugin in [false, true] {
-        // No URL and no sha256: the collector's enforce URL, the file's digest.
+        // No URL and no sha256: the collector's enforce URL and the file's
+        // digest for the EnvoyFilter.
         let mut enforce = args();
         enforce.mode = "enforce".into();
         enforce.module_url = None;
@@ -421,10 +402,14 @@ fn enforce_with_the_collector_points_to_the_enforce_module() {
                 .iter()
                 .find(|o| o["kind"] == "WasmPlugin")
                 .expect("plugin");
-            assert_eq!(plugin["spec"]["url"], url);
-            assert_eq!(plugin["spec"]["sha256"], enforce_sha);
+            // A WasmPlugin pulls the release's enforce image; the file's
+            // digest is not the image's, so none is claimed.
+            assert_eq!(
+                plugin["spec"]["url"],
+                "oci://ghcr.io/dialguard/dialguard-filter-enforce:0.1.0"
+            );
+            assert!(plugin["spec"].get("sha256").is_none());
             assert_eq!(plugin["spec"]["pluginConfig"]["mode"], "enforce");
-            assert_eq!(plugin["spec"]["pluginConfig"]["moduleSha256"], enforce_sha);
         } else {
             let filter = objects
                 .iter()
@@ -609,7 +594,7 @@ fn a_module_that_cannot_run_the_mode_is_refused_naming_the_flag() {
                 ..args()
             },
             "--module-url",
-            "only --with-collector knows it",
+            "only --with-collector (the collector's URL) and --wasm-plugin (the release's filter image) know it",
         ),
     ];
     for (bad, flag, expected) in cases {
@@ -683,18 +668,24 @@ fn the_collector_is_told_which_namespaces_to_expect() {
         ),
         file
     );
-    // A new list restarts the collector.
-    let annotation = |objects: &[Value]| {
-        objects.iter().find(|o| o["kind"] == "Deployment").expect("Deployment")["spec"]["template"]
-            ["metadata"]["annotations"]["dialguard.io/expected-namespaces-sha256"]
+    // A new list changes the ConfigMap only: the collector reads the file
+    // again when kubelet updates it, so the pod template (which a kustomize
+    // overlay could not keep in step with a hash of the list) stays as it is.
+    let template = |objects: &[Value]| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == "Deployment")
+            .expect("Deployment")["spec"]["template"]
             .clone()
     };
-    let before = annotation(&objects);
-    assert!(before.is_string());
+    let before = template(&objects);
     rolled.namespaces.push("billing".into());
-    assert_ne!(
-        annotation(&rollout::render(&rolled).expect("renders")),
-        before
+    let after = rollout::render(&rolled).expect("renders");
+    assert_eq!(template(&after), before);
+    assert!(
+        after
+            .iter()
+            .any(|o| o["data"]["namespaces"] == "manager\napp\nbilling\n")
     );
 }
 
@@ -917,4 +908,218 @@ fn flag<'a>(args: &[&'a str], name: &str) -> &'a str {
         .find(|w| w[0] == name)
         .map(|w| w[1])
         .unwrap_or_else(|| panic!("{name} missing from {args:?}"))
+}
+
+// ---------------------------------------------------------------------------
+// Modules as OCI images (WasmPlugin)
+// ---------------------------------------------------------------------------
+
+const DIGEST: &str = "4f2a0a5e3c1b9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e";
+
+fn plugin_args() -> RolloutArgs {
+    RolloutArgs {
+        wasm_plugin: true,
+        module_url: None,
+        module_sha256: None,
+        ..args()
+    }
+}
+
+fn plugin_spec(objects: &[Value]) -> &Value {
+    &objects
+        .iter()
+        .find(|o| o["kind"] == "WasmPlugin")
+        .expect("a WasmPlugin")["spec"]
+}
+
+#[test]
+fn wasm_plugins_pull_the_release_filter_image_by_default() {
+    let objects = rollout::render(&plugin_args()).expect("renders");
+    assert_valid(&objects);
+    let spec = plugin_spec(&objects);
+    assert_eq!(
+        spec["url"],
+        "oci://ghcr.io/dialguard/dialguard-filter:0.1.0"
+    );
+    assert_eq!(
+        spec["url"],
+        format!(
+            "oci://{}",
+            dialguard_envoyfilter::image::reference(dialguard_envoyfilter::image::FILTER_IMAGE)
+        )
+    );
+    // A tag alone pins nothing: no sha256 is claimed, in the spec or the hello.
+    assert!(spec.get("sha256").is_none(), "{spec}");
+    assert!(spec["pluginConfig"].get("moduleSha256").is_none());
+    assert!(spec.get("imagePullPolicy").is_none());
+
+    // Enforce mode picks the enforce image.
+    let enforce = rollout::render(&RolloutArgs {
+        mode: "enforce".into(),
+        ..plugin_args()
+    })
+    .expect("renders");
+    assert_eq!(
+        plugin_spec(&enforce)["url"],
+        "oci://ghcr.io/dialguard/dialguard-filter-enforce:0.1.0"
+    );
+    // So does the enforce file, whose build decides.
+    let from_file = rollout::render(&RolloutArgs {
+        module_file: Some(dist_module(Build::Enforce)),
+        ..plugin_args()
+    })
+    .expect("renders");
+    assert_eq!(
+        plugin_spec(&from_file)["url"],
+        "oci://ghcr.io/dialguard/dialguard-filter-enforce:0.1.0"
+    );
+    // The file's sha256 is not the image's digest: it is not claimed.
+    assert!(plugin_spec(&from_file).get("sha256").is_none());
+}
+
+#[test]
+fn oci_images_pinned_by_digest_with_pull_policy_and_secret() {
+    let registry = "oci://registry.example.com:5000/platform/dialguard-filter";
+    // The digest in the URL is the manifest digest Istio checks.
+    let pinned = rollout::render(&RolloutArgs {
+        module_url: Some(format!("{registry}@sha256:{DIGEST}")),
+        image_pull_policy: Some(ImagePullPolicy::Always),
+        image_pull_secret: Some("registry-credentials".into()),
+        ..plugin_args()
+    })
+    .expect("renders");
+    assert_valid(&pinned);
+    let spec = plugin_spec(&pinned);
+    assert_eq!(spec["sha256"], DIGEST);
+    assert_eq!(spec["pluginConfig"]["moduleSha256"], DIGEST);
+    assert_eq!(spec["imagePullPolicy"], "Always");
+    assert_eq!(spec["imagePullSecret"], "registry-credentials");
+    // Or by tag with --module-sha256 as the manifest digest; both must agree.
+    let tagged = rollout::render(&RolloutArgs {
+        module_url: Some(format!("{registry}:0.1.0")),
+        module_sha256: Some(DIGEST.to_uppercase()),
+        image_pull_policy: Some(ImagePullPolicy::IfNotPresent),
+        ..plugin_args()
+    })
+    .expect("renders");
+    assert_valid(&tagged);
+    assert_eq!(plugin_spec(&tagged)["sha256"], DIGEST);
+    assert_eq!(plugin_spec(&tagged)["imagePullPolicy"], "IfNotPresent");
+    let both = rollout::render(&RolloutArgs {
+        module_url: Some(format!("{registry}:0.1.0@sha256:{DIGEST}")),
+        module_sha256: Some(DIGEST.into()),
+        ..plugin_args()
+    })
+    .expect("renders");
+    assert_eq!(plugin_spec(&both)["sha256"], DIGEST);
+}
+
+#[test]
+fn oci_modules_that_cannot_work_are_refused_naming_the_flag() {
+    let audit_image = "oci://ghcr.io/dialguard/dialguard-filter:0.1.0";
+    let cases: Vec<(RolloutArgs, &str, &str)> = vec![
+        // Envoy cannot pull an image: the EnvoyFilter form refuses it.
+        (
+            RolloutArgs {
+                module_url: Some(audit_image.into()),
+                ..args()
+            },
+            "--module-url",
+            "expected --wasm-plugin, or an https:// or http:// URL",
+        ),
+        (
+            RolloutArgs {
+                module_url: Some("oci://ghcr.io/dialguard/dialguard-filter@sha256:abc".into()),
+                ..plugin_args()
+            },
+            "--module-url",
+            "expected an OCI image reference",
+        ),
+        (
+            RolloutArgs {
+                module_url: Some("oci://ghcr.io".into()),
+                ..plugin_args()
+            },
+            "--module-url",
+            "expected an OCI image reference",
+        ),
+        (
+            RolloutArgs {
+                module_url: Some("oci://Bad Registry/dialguard-filter:1".into()),
+                ..plugin_args()
+            },
+            "--module-url",
+            "expected an OCI image reference",
+        ),
+        (
+            RolloutArgs {
+                module_url: Some(format!(
+                    "oci://ghcr.io/dialguard/dialguard-filter@sha256:{DIGEST}"
+                )),
+                module_sha256: Some(SHA.into()),
+                ..plugin_args()
+            },
+            "--module-sha256",
+            "the image manifest's digest",
+        ),
+        // Enforce needs the enforce image.
+        (
+            RolloutArgs {
+                module_url: Some(audit_image.into()),
+                mode: "enforce".into(),
+                ..plugin_args()
+            },
+            "--module-url",
+            "expected the enforce build: an image named dialguard-filter-enforce",
+        ),
+        (
+            RolloutArgs {
+                module_url: Some("oci://registry.example.com/filters/guard:1".into()),
+                mode: "enforce".into(),
+                ..plugin_args()
+            },
+            "--module-url",
+            "cannot tell which build",
+        ),
+        (
+            RolloutArgs {
+                module_url: Some(audit_image.into()),
+                module_file: Some(dist_module(Build::Enforce)),
+                ..plugin_args()
+            },
+            "--module-url",
+            "names the audit build but --module",
+        ),
+        // Pull settings only where istio-agent pulls.
+        (
+            RolloutArgs {
+                image_pull_policy: Some(ImagePullPolicy::Always),
+                ..args()
+            },
+            "--image-pull-policy",
+            "expected --wasm-plugin",
+        ),
+        (
+            RolloutArgs {
+                image_pull_secret: Some("creds".into()),
+                wasm_plugin: true,
+                ..args()
+            },
+            "--image-pull-secret",
+            "expected an oci:// --module-url",
+        ),
+        (
+            RolloutArgs {
+                image_pull_secret: Some("Bad_Secret".into()),
+                ..plugin_args()
+            },
+            "--image-pull-secret",
+            "expected the name of a Secret",
+        ),
+    ];
+    for (bad, flag, expected) in cases {
+        let err = rollout::render(&bad).expect_err(expected);
+        assert_eq!(err.flag, flag, "{err}");
+        assert!(err.to_string().contains(expected), "{err}");
+    }
 }

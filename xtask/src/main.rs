@@ -6,7 +6,9 @@
 //!   (and `dialguard_filter_enforce.wasm`),
 //!   `dialguard` and `envoy`.
 //! - `demo`: `dist`, then the field incident on loopback, detected and reported.
-//! - `test`: `dist`, then every test of the workspace, end-to-end ones included.
+//! - `test`: `dist`, the tools the tests run (Debian packages, PyPI's
+//!   `kubernetes-validate` into `.tools/`), then every test of the workspace,
+//!   end-to-end ones included.
 //! - `bench filter`: `dist`, `dist/empty_filter.wasm`, then the filter cost
 //!   benchmark under callgrind (`dialguard-bench-filter`; docs/benchmarks.md).
 //! - `bench collector`: `dist`, then the collector scale benchmark over
@@ -19,6 +21,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 const ENVOY_VERSION: &str = "1.40.0";
+/// PyPI's `kubernetes-validate` (Kubernetes schemas 1.25 to 1.37), for
+/// envoyfilter/tests/kustomize.rs.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 const WASM_PROFILE: &str = "wasm-release";
 
@@ -74,11 +79,13 @@ fn main() -> anyhow::Result<()> {
             dist(&root)?;
             ensure_valgrind()?; // the cost benchmark's quick test
             ensure_debian_tools(TEST_TOOLS)?;
+            let kubernetes_validate = ensure_kubernetes_validate(&root)?;
             test(
                 cargo(&root)
                     .args(["test", "--workspace", "--release", "--all-targets"])
                     .args(&args)
-                    .env("DIALGUARD_DIST", root.join("dist")),
+                    .env("DIALGUARD_DIST", root.join("dist"))
+                    .env("DIALGUARD_KUBERNETES_VALIDATE", kubernetes_validate),
             )
         }
         Task::Bench { what, args } => match what.as_str() {
@@ -265,6 +272,47 @@ fn ensure_envoy(root: &Path) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(binary)
+}
+
+/// `kubernetes-validate` from PyPI into `.tools/` (git-ignored), once;
+/// returns the directory to put on `PYTHONPATH`.
+fn ensure_kubernetes_validate(root: &Path) -> anyhow::Result<PathBuf> {
+    let dir = root
+        .join(".tools")
+        .join(format!("kubernetes-validate-{KUBERNETES_VALIDATE_VERSION}"));
+    let works = || {
+        Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--version"])
+            .env("PYTHONPATH", &dir)
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(KUBERNETES_VALIDATE_VERSION))
+    };
+    if works() {
+        return Ok(dir);
+    }
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-warn-script-location",
+            "--upgrade",
+            "--target",
+        ])
+        .arg(&dir)
+        .arg(format!(
+            "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+        )))
+    .context("kubernetes-validate is installed from PyPI: python3 with pip is needed")?;
+    if !works() {
+        bail!(
+            "{} holds no runnable kubernetes-validate {KUBERNETES_VALIDATE_VERSION}",
+            dir.display()
+        );
+    }
+    Ok(dir)
 }
 
 /// `bench filter`: dist/, the empty baseline module, then the benchmark.
