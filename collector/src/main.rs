@@ -18,10 +18,13 @@ use dialguard_collector::{Collector, Limits, ListenerLimits, ServeConfig, report
 use dialguard_envoyfilter::module::Build;
 use dialguard_envoyfilter::rollout::{self, CollectorManifests, CollectorMtls, RolloutArgs};
 
+mod version;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "dialguard",
-    version,
+    version = version::long_version(),
+    long_version = version::long_version(),
     about = "Detects TCP connections that Istio sidecars send somewhere other than where the application dialed"
 )]
 struct Cli {
@@ -51,6 +54,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Print the version, the git revision, the SHA-256 of the module builds
+    /// made with this binary and the default image references (as --version).
+    Version(version::VersionFlags),
 }
 
 #[derive(Debug, clap::Args)]
@@ -605,6 +611,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollout(flags) => rollout(flags),
         Command::Analyze { file, format } => analyze_file(&file, format),
         Command::Report(flags) => report_command(flags),
+        Command::Version(flags) => version::print(&flags),
     }
 }
 

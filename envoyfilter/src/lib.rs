@@ -5,6 +5,7 @@
 //! them into an Istio-shaped Envoy bootstrap, so what ships is what is tested.
 
 pub mod analyze;
+pub mod image;
 pub mod module;
 pub mod rollout;
 

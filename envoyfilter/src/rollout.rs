@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use dialguard_filter_core::{Cidr, FilterConfig};
 use serde_json::{Value, json};
 
+use crate::image::IMAGE_MODULE_DIR;
 use crate::module::{self, AUDIT_MODULE_FILE, Build, ENFORCE_MODULE_FILE};
 use crate::{
     ModuleSource, collector_cluster, istio_mtls_transport_socket, module_cluster, network_filter,
@@ -27,10 +28,8 @@ pub const COLLECTOR_CLUSTER: &str = "dialguard_collector";
 pub const MODULE_CLUSTER: &str = "dialguard_module";
 /// Name of the rendered resources in each namespace.
 pub const RESOURCE_NAME: &str = "dialguard";
-const COLLECTOR_GRPC_PORT: u16 = 50051;
-const COLLECTOR_HTTP_PORT: u16 = 8080;
-/// Where `--with-collector`'s image holds both builds.
-const IMAGE_MODULE_DIR: &str = "/opt/dialguard";
+pub const COLLECTOR_GRPC_PORT: u16 = 50051;
+pub const COLLECTOR_HTTP_PORT: u16 = 8080;
 /// The ConfigMap listing the namespaces rolled out to, for the collector's
 /// coverage report: an expected namespace with no reporting sidecar is news.
 pub const EXPECTED_NAMESPACES_CONFIGMAP: &str = "dialguard-expected-namespaces";
