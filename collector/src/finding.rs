@@ -63,15 +63,11 @@ pub mod response_flags {
     pub const UPSTREAM_RETRY_LIMIT_EXCEEDED: u64 = 0x8000;
 }
 
-/// Istio's names for the clusters and chains that tell causes apart.
-pub const BLACK_HOLE_CLUSTER: &str = "BlackHoleCluster";
-pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
-/// The `virtualOutbound` chain for destinations no listener matches.
-pub const CATCHALL_CHAIN: &str = "virtualOutbound-catchall-tcp";
-/// The `virtualOutbound` chain for connections to the capture port itself.
-pub const BLACKHOLE_CHAIN: &str = "virtualOutbound-blackhole";
-/// The port istio-iptables redirects outbound traffic to.
-pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
+// Istio's names for the clusters and chains that tell causes apart.
+pub use dialguard_istio::{
+    BLACK_HOLE_CLUSTER, BLACKHOLE_CHAIN, CATCHALL_CHAIN, OUTBOUND_CAPTURE_PORT, OutboundCluster,
+    PASSTHROUGH_CLUSTER,
+};
 
 impl Cause {
     /// Every cause, in the order the docs list them.
@@ -121,30 +117,6 @@ pub struct Facts<'a> {
     pub source: Option<SocketAddr>,
     /// The reporting sidecar's `INSTANCE_IPS` (its pod's own addresses).
     pub instance_ips: &'a [String],
-}
-
-/// `outbound|<port>|<subset>|<host>`: the parts of an Istio outbound cluster name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OutboundCluster<'a> {
-    pub port: &'a str,
-    pub subset: &'a str,
-    pub host: &'a str,
-}
-
-impl<'a> OutboundCluster<'a> {
-    pub fn parse(cluster: &'a str) -> Option<Self> {
-        let mut parts = cluster.split('|');
-        let (Some("outbound"), Some(port), Some(subset), Some(host), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
-            return None;
-        };
-        (!host.is_empty()).then_some(Self { port, subset, host })
-    }
 }
 
 /// The cause an event supports. Cheap (no allocation): ingest calls it once
@@ -792,26 +764,5 @@ mod tests {
             .map(|cause| subject(cause, APP_EXT, "").explain().fix)
             .collect();
         assert_eq!(fixes.len(), Cause::ALL.len());
-    }
-
-    #[test]
-    fn outbound_cluster_names() {
-        assert_eq!(
-            OutboundCluster::parse("outbound|9080|v1|reviews.default.svc.cluster.local"),
-            Some(OutboundCluster {
-                port: "9080",
-                subset: "v1",
-                host: "reviews.default.svc.cluster.local"
-            })
-        );
-        for bad in [
-            "",
-            "BlackHoleCluster",
-            "outbound|1||",
-            "inbound|1||x",
-            "outbound|1||x|y",
-        ] {
-            assert_eq!(OutboundCluster::parse(bad), None, "{bad}");
-        }
     }
 }

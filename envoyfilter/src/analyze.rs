@@ -20,11 +20,7 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-/// The cluster Istio sends traffic to unknown destinations through
-/// (`ORIGINAL_DST`: to exactly the address the application dialed).
-pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
-/// The cluster Istio sends traffic it must drop to.
-pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
+use dialguard_istio::{BLACK_HOLE_CLUSTER, OutboundCluster, PASSTHROUGH_CLUSTER};
 
 /// One port where plain TCP to unknown destinations is captured.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -135,7 +131,10 @@ pub fn analyze_dump(dump: &Value) -> Result<Analysis, AnalyzeError> {
             }
             let services = match info {
                 Some(info) if !info.services.is_empty() => info.services.clone(),
-                _ => host_from_cluster_name(cluster).into_iter().collect(),
+                _ => OutboundCluster::parse(cluster)
+                    .map(|outbound| outbound.host.to_string())
+                    .into_iter()
+                    .collect(),
             };
             let cluster_type = info.and_then(|info| info.cluster_type.clone());
             let hint = hint(port, cluster, &services);
@@ -234,11 +233,11 @@ fn captures(cluster: &str, info: Option<&ClusterInfo>, baseline: Option<&str>) -
     if info.and_then(|info| info.cluster_type.as_deref()) == Some("ORIGINAL_DST") {
         return false;
     }
-    !(cluster == BLACKHOLE_CLUSTER && baseline == Some(BLACKHOLE_CLUSTER))
+    !(cluster == BLACK_HOLE_CLUSTER && baseline == Some(BLACK_HOLE_CLUSTER))
 }
 
 fn hint(port: u16, cluster: &str, services: &[String]) -> String {
-    if cluster == BLACKHOLE_CLUSTER {
+    if cluster == BLACK_HOLE_CLUSTER {
         return format!(
             "plain TCP on port {port} to any address without its own listener is dropped, \
              unlike other ports: find the Service or ServiceEntry that declares port {port} \
@@ -266,21 +265,6 @@ fn hint(port: u16, cluster: &str, services: &[String]) -> String {
              or restrict its visibility (Sidecar, exportTo)"
         )
     }
-}
-
-/// `HOST` from an Istio cluster name `outbound|PORT|SUBSET|HOST`.
-fn host_from_cluster_name(cluster: &str) -> Option<String> {
-    let mut parts = cluster.split('|');
-    let (Some("outbound"), Some(_port), Some(_subset), Some(host), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return None;
-    };
-    (!host.is_empty()).then(|| host.to_string())
 }
 
 // ---------------------------------------------------------------------------
@@ -1065,23 +1049,6 @@ mod tests {
         assert_eq!(camel("filter_chain_match"), "filterChainMatch");
         assert_eq!(pascal("socket_address"), "SocketAddress");
         assert_eq!(pascal("port_value"), "PortValue");
-    }
-
-    #[test]
-    fn host_from_istio_cluster_names() {
-        assert_eq!(
-            host_from_cluster_name("outbound|5701||app-ext.app.svc.cluster.local").as_deref(),
-            Some("app-ext.app.svc.cluster.local")
-        );
-        assert_eq!(
-            host_from_cluster_name("outbound|80|v1|reviews.default.svc.cluster.local").as_deref(),
-            Some("reviews.default.svc.cluster.local")
-        );
-        assert_eq!(
-            host_from_cluster_name("inbound|5701|tcp|x.y.svc.cluster.local"),
-            None
-        );
-        assert_eq!(host_from_cluster_name("BlackHoleCluster"), None);
     }
 
     #[test]
