@@ -35,11 +35,16 @@ pub struct AlertmanagerConfig {
 }
 
 impl AlertmanagerConfig {
+    /// How often active alerts are re-sent (`--alertmanager-resend`).
+    pub const DEFAULT_RESEND_EVERY: Duration = Duration::from_secs(30);
+    /// How long a quiet misroute stays firing (`--alertmanager-resolve-after`).
+    pub const DEFAULT_RESOLVE_AFTER: Duration = Duration::from_secs(300);
+
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
-            resend_every: Duration::from_secs(30),
-            resolve_after: Duration::from_secs(300),
+            resend_every: Self::DEFAULT_RESEND_EVERY,
+            resolve_after: Self::DEFAULT_RESOLVE_AFTER,
         }
     }
 }

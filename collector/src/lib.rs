@@ -89,16 +89,22 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
-    /// The defaults of `dialguard serve` for a database at `db_path`.
+    /// How long open streams get to finish on shutdown (`--shutdown-grace`).
+    pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+    /// At most one alert line per key per this (`--alert-interval`).
+    pub const DEFAULT_ALERT_INTERVAL: Duration = Duration::from_secs(60);
+
+    /// The defaults of `dialguard serve` (its flags' defaults are these)
+    /// for a database at `db_path`.
     pub fn new(db_path: impl Into<PathBuf>) -> Self {
         Self {
             db_path: db_path.into(),
-            shutdown_grace: Duration::from_secs(10),
+            shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
             modules: http::Modules::default(),
             limits: Limits::default(),
             retention: Some(DEFAULT_RETENTION),
             retention_every: Duration::from_secs(600),
-            alert_interval: Duration::from_secs(60),
+            alert_interval: Self::DEFAULT_ALERT_INTERVAL,
             alertmanager: None,
             writer: WriterConfig::default(),
             tls: None,

@@ -121,7 +121,7 @@ struct ServeFlags {
     enforce_module: Option<PathBuf>,
     /// Delete events, report rows and directory entries last seen longer ago
     /// than this (e.g. 30d, 12h); `off` keeps everything.
-    #[arg(long, default_value = "30d", value_parser = parse_retention)]
+    #[arg(long, default_value_t = Retention(Some(dialguard_collector::DEFAULT_RETENTION)), value_parser = parse_retention)]
     retention: Retention,
     /// Most sidecar streams open at once; more get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = Limits::default().max_streams)]
@@ -133,30 +133,30 @@ struct ServeFlags {
     #[arg(long, default_value_t = Limits::default().max_message_bytes)]
     max_message_bytes: usize,
     /// How long a new stream has to identify itself (e.g. 10s).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    hello_timeout: Duration,
+    #[arg(long, default_value_t = Limits::default().hello_timeout.into())]
+    hello_timeout: humantime::Duration,
     /// Events stamped further ahead of this collector's clock are refused in
     /// their ack (as are events older than --retention, or 30d with
     /// `--retention off`).
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-    max_clock_skew: Duration,
+    #[arg(long, default_value_t = Limits::default().max_clock_skew.into())]
+    max_clock_skew: humantime::Duration,
     /// At most one alert line per (source, dialed, reached, cluster) per this
     /// interval; the next line counts the ones held back. 0s prints every one.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    alert_interval: Duration,
+    #[arg(long, default_value_t = ServeConfig::DEFAULT_ALERT_INTERVAL.into())]
+    alert_interval: humantime::Duration,
     /// Also push misroutes to this Alertmanager (v2 API), e.g.
     /// http://alertmanager.monitoring:9093. Pushing never delays ingest.
     #[arg(long)]
     alertmanager: Option<String>,
     /// How often active alerts are re-sent to Alertmanager.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    alertmanager_resend: Duration,
+    #[arg(long, default_value_t = AlertmanagerConfig::DEFAULT_RESEND_EVERY.into())]
+    alertmanager_resend: humantime::Duration,
     /// An alert resolves once its misroute has been quiet this long.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-    alertmanager_resolve_after: Duration,
+    #[arg(long, default_value_t = AlertmanagerConfig::DEFAULT_RESOLVE_AFTER.into())]
+    alertmanager_resolve_after: humantime::Duration,
     /// How long open streams get to finish on SIGTERM/SIGINT.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    shutdown_grace: Duration,
+    #[arg(long, default_value_t = ServeConfig::DEFAULT_SHUTDOWN_GRACE.into())]
+    shutdown_grace: humantime::Duration,
     /// A namespace that must have a reporting dialguard sidecar (repeat for
     /// several): without one it is uncovered in reports and metrics.
     #[arg(long = "expect-namespace", value_name = "NS", value_parser = parse_namespace)]
@@ -171,8 +171,8 @@ struct ServeFlags {
     expect_namespaces_file: Option<PathBuf>,
     /// A pod whose sidecars have all been stale this long leaves the
     /// coverage (its rows stay until --retention).
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-    forget_stale: Duration,
+    #[arg(long, default_value_t = dialguard_collector::inventory::DEFAULT_FORGET_STALE.into())]
+    forget_stale: humantime::Duration,
     /// Most sidecar VMs (node, VM instance) held in memory; hellos from new
     /// ones beyond it get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = Limits::default().max_vms)]
@@ -197,12 +197,12 @@ struct ServeFlags {
     max_http_connections: usize,
     /// How long an HTTP client gets to send a request's headers, on a new
     /// connection or the next request on a kept-alive one (e.g. 10s).
-    #[arg(long, default_value = "10s", value_parser = positive_duration)]
-    http_header_timeout: Duration,
+    #[arg(long, default_value_t = ListenerLimits::default().http_header_timeout.into(), value_parser = positive_duration)]
+    http_header_timeout: humantime::Duration,
     /// How long an HTTP answer waits for a client that does not read it
     /// before its connection is closed (e.g. 30s).
-    #[arg(long, default_value = "30s", value_parser = positive_duration)]
-    http_idle_timeout: Duration,
+    #[arg(long, default_value_t = ListenerLimits::default().http_idle_timeout.into(), value_parser = positive_duration)]
+    http_idle_timeout: humantime::Duration,
 }
 
 fn at_least_one(text: &str) -> Result<usize, String> {
@@ -213,9 +213,9 @@ fn at_least_one(text: &str) -> Result<usize, String> {
     }
 }
 
-fn positive_duration(text: &str) -> Result<Duration, String> {
+fn positive_duration(text: &str) -> Result<humantime::Duration, String> {
     match humantime::parse_duration(text) {
-        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(d) if !d.is_zero() => Ok(d.into()),
         Ok(_) => Err("expected a positive duration such as 10s".into()),
         Err(err) => Err(format!("expected a duration such as 10s: {err}")),
     }
@@ -231,6 +231,15 @@ fn parse_namespace(text: &str) -> Result<String, String> {
 
 #[derive(Debug, Clone, Copy)]
 struct Retention(Option<Duration>);
+
+impl std::fmt::Display for Retention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(keep) => humantime::format_duration(keep).fmt(f),
+            None => f.write_str("off"),
+        }
+    }
+}
 
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["db", "server"])))]
@@ -798,37 +807,37 @@ async fn serve(flags: ServeFlags) -> anyhow::Result<()> {
             .transpose()?,
     };
     let config = ServeConfig {
-        shutdown_grace: flags.shutdown_grace,
+        shutdown_grace: flags.shutdown_grace.into(),
         modules,
         limits: Limits {
             max_message_bytes: flags.max_message_bytes,
             max_batch_events: flags.max_batch_events,
             max_streams: flags.max_streams,
-            hello_timeout: flags.hello_timeout,
+            hello_timeout: flags.hello_timeout.into(),
             max_vms: flags.max_vms,
-            max_clock_skew: flags.max_clock_skew,
+            max_clock_skew: flags.max_clock_skew.into(),
             ..Limits::default()
         },
         listeners: ListenerLimits {
             max_grpc_connections: flags.max_grpc_connections,
             max_http_connections: flags.max_http_connections,
-            http_header_timeout: flags.http_header_timeout,
-            http_idle_timeout: flags.http_idle_timeout,
+            http_header_timeout: flags.http_header_timeout.into(),
+            http_idle_timeout: flags.http_idle_timeout.into(),
         },
         expected_namespaces: flags.expect_namespaces.iter().cloned().collect(),
         expected_namespaces_file: flags.expect_namespaces_file.clone(),
-        forget_stale: flags.forget_stale,
+        forget_stale: flags.forget_stale.into(),
         max_report_requests: flags.max_report_requests,
         retention: flags.retention.0,
-        alert_interval: flags.alert_interval,
+        alert_interval: flags.alert_interval.into(),
         alertmanager: flags
             .alertmanager
             .map(|url| parse_alertmanager_url(&url))
             .transpose()?
             .map(|url| AlertmanagerConfig {
                 url,
-                resend_every: flags.alertmanager_resend,
-                resolve_after: flags.alertmanager_resolve_after,
+                resend_every: flags.alertmanager_resend.into(),
+                resolve_after: flags.alertmanager_resolve_after.into(),
             }),
         tls: match (flags.tls_cert, flags.tls_key) {
             (Some(cert), Some(key)) => Some(TlsConfig::load(&TlsFiles {
